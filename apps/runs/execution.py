@@ -1,0 +1,267 @@
+"""A step's life on a worker (DESIGN "A step's life"): claim with a lease, run the operator
+outside any transaction, then commit outputs, downstream steps and `done` in one
+transaction that first proves this worker still holds the lease. A worker that lost its
+lease commits nothing, so a step's outputs exist once however often it is attempted."""
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from apps.graphs.validation import node_backoff_s, spec_max_fanout
+from apps.runs.dispatch import StepMessage, send_on_commit
+from apps.runs.models import (
+    CLAIMABLE_STEP_STATUSES,
+    Event,
+    Run,
+    RunStatus,
+    Step,
+    StepStatus,
+)
+from apps.runs.stepflow import Routing, nodes_by_id, open_fanin, settle
+from apps.runs.transitions import transition_run, transition_step
+from apps.runs.writes import write_outputs
+from workers.operators import REGISTRY
+from workers.operators.base import (
+    InputEvent,
+    LeaseLost,
+    PermanentError,
+    StepCancelled,
+    StepContext,
+    StepResult,
+)
+
+logger = logging.getLogger(__name__)
+MAX_BACKOFF_S = 300.0
+
+
+@dataclass
+class Claimed:
+    step: Step
+    run: Run
+    node: dict[str, Any]
+    token: UUID
+    started: float
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.run.graph_version.spec
+
+
+@dataclass(frozen=True)
+class Overdue:
+    run: Run
+
+
+def lease_until() -> Any:
+    return timezone.now() + timedelta(seconds=settings.SLUICE_STEP_LEASE_S)
+
+
+def execute(step_id: UUID, worker: str) -> list[StepMessage]:
+    """Claim, run and commit one step. Returns the messages of the steps it created."""
+    claim = claim_step(step_id, worker)
+    if isinstance(claim, Overdue):
+        from apps.runs.services import stop_run
+
+        stop_run(claim.run, to=RunStatus.FAILED, reason="deadline passed", actor=None)
+        return []
+    if claim is None:
+        return []
+    try:
+        result = run_operator(claim)
+        return commit_step(claim, result)
+    except StepCancelled as exc:
+        end_running_step(claim, StepStatus.SKIPPED, skip_reason=f"{exc} while running")
+    except LeaseLost:
+        logger.warning("step %s: lease lost to another worker; this attempt's results are dropped", step_id)
+    except PermanentError as exc:
+        fail_attempt(claim, str(exc), permanent=True)
+    except Exception as exc:
+        logger.exception("step %s (%s) failed", step_id, claim.node["id"])
+        fail_attempt(claim, f"{type(exc).__name__}: {exc}", permanent=False)
+    return []
+
+
+def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
+    with transaction.atomic():
+        # SKIP LOCKED: if another worker is claiming this step right now, leave it to them.
+        step = (
+            Step.objects.select_for_update(skip_locked=True)
+            .filter(id=step_id, status__in=CLAIMABLE_STEP_STATUSES)
+            .first()
+        )
+        now = timezone.now()
+        if step is None or (step.not_before is not None and step.not_before > now):
+            return None  # done, leased, or a retry not yet due (its own message will come)
+        run = Run.objects.select_related("graph_version").get(id=step.run_id)
+        if not run.is_active:
+            _skip(step, run, f"run {run.status}")
+            return None
+        if run.deadline is not None and run.deadline <= now:
+            return Overdue(run)
+        token = uuid4()
+        claimed = transition_step(
+            step.id,
+            from_=(step.status,),
+            to=StepStatus.RUNNING,
+            attempt=F("attempt") + 1,
+            lease_until=lease_until(),
+            lease_token=token,
+            worker=worker,
+            started_at=now,
+            not_before=None,
+        )
+        if not claimed:
+            return None
+        if run.status == RunStatus.QUEUED:
+            transition_run(run.id, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING, started_at=now)
+        step.refresh_from_db()
+    node = nodes_by_id(run.graph_version.spec)[step.node_id]
+    return Claimed(step, run, node, token, time.monotonic())
+
+
+def _skip(step: Step, run: Run, reason: str) -> None:
+    transition_step(
+        step.id, from_=(step.status,), to=StepStatus.SKIPPED, skip_reason=reason, finished_at=timezone.now()
+    )
+    settle(step, run, run.graph_version.spec, Routing())
+
+
+class Heartbeat:
+    """Extends the lease and checks the run, at most every `interval` seconds, so an operator
+    may call it between every token."""
+
+    def __init__(self, claim: Claimed) -> None:
+        self.claim = claim
+        self.interval = min(0.5, settings.SLUICE_STEP_LEASE_S / 3)
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last < self.interval:
+            return
+        self.last = time.monotonic()
+        claim = self.claim
+        extended = Step.objects.filter(
+            id=claim.step.id, status=StepStatus.RUNNING, lease_token=claim.token
+        ).update(lease_until=lease_until())
+        if not extended:
+            raise LeaseLost(str(claim.step.id))
+        status, deadline = Run.objects.filter(id=claim.run.id).values_list("status", "deadline").get()
+        if status not in (RunStatus.QUEUED, RunStatus.RUNNING):
+            raise StepCancelled(f"run {status}")
+        if deadline is not None and deadline <= timezone.now():
+            raise StepCancelled("deadline passed")
+
+
+def run_operator(claim: Claimed) -> StepResult:
+    events = Event.objects.filter(id__in=claim.step.inputs)
+    by_id = {event.id: event for event in events}
+    inputs = [
+        InputEvent(str(e.id), e.payload, e.scopes[-1][1] if e.scopes else None)
+        for e in (by_id[i] for i in claim.step.inputs)
+    ]
+    ctx = StepContext(
+        run_id=str(claim.run.id),
+        step_id=str(claim.step.id),
+        node_id=claim.node["id"],
+        config=claim.node.get("config", {}),
+        attempt=claim.step.attempt,
+        max_fanout=spec_max_fanout(claim.spec, settings.SLUICE_DEFAULT_MAX_FANOUT),
+        heartbeat=Heartbeat(claim),
+    )
+    return REGISTRY[claim.node["type"]].run(ctx, inputs)
+
+
+def _lock_own_step(claim: Claimed) -> Step:
+    step = Step.objects.select_for_update().get(id=claim.step.id)
+    if step.status != StepStatus.RUNNING or step.lease_token != claim.token:
+        raise LeaseLost(str(step.id))
+    return step
+
+
+def commit_step(claim: Claimed, result: StepResult) -> list[StepMessage]:
+    operator = REGISTRY[claim.node["type"]]
+    with transaction.atomic():
+        step = _lock_own_step(claim)
+        run = Run.objects.select_related("graph_version").get(id=step.run_id)
+        if not run.is_active:
+            _end(step, run, claim, StepStatus.SKIPPED, skip_reason=f"run {run.status} while running")
+            return []
+        events = write_outputs(step, run, result, opens_scope=operator.opens_scope)
+        routing = Routing()
+        if operator.opens_scope:
+            open_fanin(step, run, claim.spec, routing)
+        routing.route(step, run, claim.spec, events)
+        usage = result.usage
+        messages = _end(
+            step,
+            run,
+            claim,
+            StepStatus.DONE,
+            routing=routing,
+            tokens_in=usage.tokens_in if usage else 0,
+            tokens_out=usage.tokens_out if usage else 0,
+            cost_usd=usage.cost_usd if usage else 0,
+        )
+        send_on_commit(messages)
+    return messages
+
+
+def _end(
+    step: Step, run: Run, claim: Claimed, to: str, *, routing: Routing | None = None, **fields: Any
+) -> list[StepMessage]:
+    """Move a running step this worker holds to a final status and settle the run."""
+    moved = transition_step(
+        step.id,
+        from_=(StepStatus.RUNNING,),
+        to=to,
+        holding_lease=claim.token,
+        lease_until=None,
+        finished_at=timezone.now(),
+        duration_ms=(time.monotonic() - claim.started) * 1000,
+        **fields,
+    )
+    if not moved:
+        raise LeaseLost(str(step.id))
+    return settle(step, run, claim.spec, routing or Routing())
+
+
+def end_running_step(claim: Claimed, to: str, **fields: Any) -> None:
+    try:
+        with transaction.atomic():
+            step = _lock_own_step(claim)
+            run = Run.objects.select_related("graph_version").get(id=step.run_id)
+            send_on_commit(_end(step, run, claim, to, **fields))
+    except LeaseLost:
+        logger.warning("step %s: lease lost before it could be closed", claim.step.id)
+
+
+def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
+    """Dead-letter the step after a permanent error or its last attempt; else retry later."""
+    attempt, most = claim.step.attempt, claim.step.max_attempts
+    label = f"attempt {attempt}/{most}: {error}"
+    if permanent or attempt >= most:
+        end_running_step(claim, StepStatus.DEAD, error=label)
+        return
+    delay = min(node_backoff_s(claim.node) * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    now = timezone.now()
+    with transaction.atomic():
+        moved = transition_step(
+            claim.step.id,
+            from_=(StepStatus.RUNNING,),
+            to=StepStatus.FAILED,
+            holding_lease=claim.token,
+            lease_until=None,
+            error=label,
+            not_before=now + timedelta(seconds=delay),
+            enqueued_at=now,
+        )
+        if moved:
+            send_on_commit([StepMessage(claim.run.tenant_id, claim.step.id, claim.step.queue, delay)])

@@ -1,0 +1,215 @@
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+
+from apps.graphs.models import GraphVersion
+from apps.tenants.models import TenantModel
+
+
+class RunKind(models.TextChoices):
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+    STREAM = "stream"
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_RUN_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+class Run(TenantModel):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    graph_version = models.ForeignKey(GraphVersion, on_delete=models.PROTECT, related_name="runs")
+    kind = models.CharField(max_length=16, choices=RunKind.choices, default=RunKind.INTERACTIVE)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    input = models.JSONField(default=dict)
+    deadline = models.DateTimeField(null=True, blank=True)
+    budget_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    on_disconnect = models.CharField(max_length=16, default="detach")
+    # Steps not yet in a final state. Changed only inside step transactions; zero ends the run.
+    open_steps = models.IntegerField(default=0)
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta(TenantModel.Meta):
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "deadline"], name="run_status_deadline")]
+
+    def __str__(self) -> str:
+        return f"run {self.id}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_RUN_STATUSES
+
+
+class StepStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FAILED = "failed"  # an attempt failed; it is queued again for not_before
+    DONE = "done"
+    DEAD = "dead"  # out of attempts, or a permanent error: dead-lettered
+    SKIPPED = "skipped"
+
+
+FINAL_STEP_STATUSES = (StepStatus.DONE, StepStatus.DEAD, StepStatus.SKIPPED)
+CLAIMABLE_STEP_STATUSES = (StepStatus.QUEUED, StepStatus.FAILED)
+
+
+class Step(TenantModel):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    node_id = models.CharField(max_length=64)
+    node_type = models.CharField(max_length=64)
+    queue = models.CharField(max_length=32)
+    status = models.CharField(max_length=16, choices=StepStatus.choices, default=StepStatus.QUEUED)
+    inputs = ArrayField(models.UUIDField(), default=list)
+    # Open fan-outs around this step's input, outermost first: [[fan-out step id, item index]].
+    scopes = models.JSONField(default=list)
+    # The innermost of them, kept as columns for fan-in accounting and display.
+    scope = models.UUIDField(null=True, blank=True)
+    item_index = models.IntegerField(null=True, blank=True)
+    attempt = models.PositiveIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(default=3)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    lease_token = models.UUIDField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    not_before = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    tokens_in = models.PositiveIntegerField(default=0)
+    tokens_out = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    error = models.TextField(blank=True)
+    skip_reason = models.CharField(max_length=200, blank=True)
+
+    class Meta(TenantModel.Meta):
+        ordering = ["created_at", "node_id", "item_index"]
+        indexes = [
+            models.Index(fields=["run", "status"], name="step_run_status"),
+            # The sweeper's two questions: expired leases, and queued steps gone quiet.
+            models.Index(
+                fields=["lease_until"],
+                name="step_running_lease",
+                condition=models.Q(status="running"),
+            ),
+            models.Index(
+                fields=["enqueued_at"],
+                name="step_waiting_enqueued",
+                condition=models.Q(status__in=["queued", "failed"]),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"step {self.node_id} {self.id}"
+
+
+class Event(TenantModel):
+    """An immutable piece of data: a run's input or a step's output. A trigger refuses UPDATE."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    producer = models.ForeignKey(
+        Step, null=True, blank=True, on_delete=models.CASCADE, related_name="outputs"
+    )
+    seq = models.PositiveIntegerField(default=0)
+    node_id = models.CharField(max_length=64)
+    port = models.CharField(max_length=64, default="out")
+    key = models.CharField(max_length=200, blank=True)
+    payload = models.JSONField()
+    event_time = models.DateTimeField()
+    # Open fan-outs this event is inside, outermost first: [[fanout step id, item index], ...]
+    scopes = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta(TenantModel.Meta):
+        ordering = ["created_at", "seq"]
+        constraints = [
+            # A step's outputs can be committed once only: a second commit collides here.
+            models.UniqueConstraint(fields=["producer", "seq"], name="event_output_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"event {self.id}"
+
+
+class FanIn(TenantModel):
+    """Counts what is still in flight inside one fan-out, so its collect fires exactly when
+    every item has settled: arrived at the collect, or ended (sunk, routed away, dead)."""
+
+    fanout_step = models.OneToOneField(Step, primary_key=True, on_delete=models.CASCADE)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="+")
+    collect_node_id = models.CharField(max_length=64, blank=True)
+    # The fan-out step's own scopes: the collect's output goes back to them.
+    parent_scopes = models.JSONField(default=list)
+    pending = models.IntegerField(default=0)
+    arrived = ArrayField(models.UUIDField(), default=list)
+    fired = models.BooleanField(default=False)
+
+
+class ResultRow(TenantModel):
+    """A row written by a sink.table step. One per sink step: the unique step makes a
+    repeated commit impossible rather than unlikely."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="result_rows")
+    step = models.OneToOneField(Step, on_delete=models.CASCADE, related_name="result_row")
+    table = models.CharField(max_length=64, db_index=True)
+    data = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta(TenantModel.Meta):
+        ordering = ["created_at"]
+
+
+class EffectStatus(models.TextChoices):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Effect(TenantModel):
+    """The side-effect ledger: one row per effect key, so an effect is performed once."""
+
+    key = models.CharField(max_length=200, unique=True)
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="effects")
+    kind = models.CharField(max_length=64)
+    request_digest = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=EffectStatus.choices)
+    result = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+
+class Usage(TenantModel):
+    """What a step consumed: tokens, engine time and cost, attributable to tenant, run, step."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="usage")
+    step = models.ForeignKey(Step, null=True, on_delete=models.CASCADE, related_name="usage")
+    model = models.CharField(max_length=100)
+    engine = models.CharField(max_length=32)
+    tokens_in = models.PositiveIntegerField(default=0)
+    tokens_out = models.PositiveIntegerField(default=0)
+    wasted_tokens = models.PositiveIntegerField(default=0)
+    engine_seconds = models.FloatField(default=0.0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta(TenantModel.Meta):
+        verbose_name_plural = "usage"

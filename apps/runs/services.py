@@ -1,0 +1,114 @@
+"""Starting and stopping runs. Each write is one transaction with its audit row; messages
+to workers leave on commit."""
+
+import json
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import jsonschema
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from apps.audit.services import Actor, actor_label, record
+from apps.graphs.models import GraphVersion
+from apps.graphs.validation import source_node
+from apps.runs.dispatch import StepMessage, send_on_commit
+from apps.runs.models import ACTIVE_RUN_STATUSES, CLAIMABLE_STEP_STATUSES, Event, Run, RunKind, Step
+from apps.runs.stepflow import new_step
+from apps.runs.transitions import skip_waiting_steps, transition_run
+
+MAX_INPUT_BYTES = 1024 * 1024
+
+
+class InvalidInput(ValueError):
+    """The run's input was refused; the message says which part and why."""
+
+
+def check_input(version: GraphVersion, payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise InvalidInput(f"input must be a JSON object, got {type(payload).__name__}")
+    size = len(json.dumps(payload).encode())
+    if size > MAX_INPUT_BYTES:
+        raise InvalidInput(f"input is {size} bytes; the limit is {MAX_INPUT_BYTES} bytes")
+    schema = source_node(version.spec).get("config", {}).get("input_schema")
+    if schema:
+        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(payload))
+        if error is not None:
+            where = ".".join(str(p) for p in error.absolute_path) or "input"
+            raise InvalidInput(f"{where}: {error.message}")
+    return payload
+
+
+def start_run(
+    *, version: GraphVersion, payload: Any, actor: Actor, kind: RunKind = RunKind.INTERACTIVE
+) -> Run:
+    """Creates the run, its input event and the source step in one transaction."""
+    payload = check_input(version, payload)
+    policies = version.spec.get("policies", {})
+    now = timezone.now()
+    with transaction.atomic():
+        run = Run.objects.create(
+            graph_version=version,
+            kind=kind,
+            input=payload,
+            deadline=now + timedelta(seconds=policies["ttl_s"]) if "ttl_s" in policies else None,
+            budget_usd=Decimal(str(policies["budget_usd"])) if "budget_usd" in policies else None,
+            on_disconnect=policies.get("on_disconnect", "detach"),
+            open_steps=1,
+            created_by=actor if getattr(actor, "is_authenticated", False) else None,  # type: ignore[misc]
+        )
+        event = Event.objects.create(
+            run=run, node_id="input", port="out", payload=payload, event_time=now
+        )
+        step = new_step(run, source_node(version.spec), [event.id], [])
+        step.save()
+        record(
+            tenant=run.tenant,
+            actor=actor,
+            action="run.start",
+            target_type="run",
+            target_id=run.id,
+            after={"graph": version.graph.slug, "version": version.number, "kind": kind.value},
+        )
+        send_on_commit([StepMessage(run.tenant_id, step.id, step.queue)])
+    return run
+
+
+def stop_run(run: Run, *, to: str, reason: str, actor: Actor) -> bool:
+    """Cancel (or expire) a run: it stops at once; waiting steps are skipped; running steps
+    learn of it at their next heartbeat and commit nothing. False if it had already ended."""
+    now = timezone.now()
+    with transaction.atomic():
+        stopped = transition_run(run.id, from_=ACTIVE_RUN_STATUSES, to=to, error=reason, finished_at=now)
+        if stopped:
+            record(
+                tenant=run.tenant,
+                actor=actor,
+                action=f"run.{'cancel' if to == 'cancelled' else 'expire'}",
+                target_type="run",
+                target_id=run.id,
+                before={"status": run.status},
+                after={"status": to, "reason": reason},
+            )
+    if stopped:
+        skip_waiting(run, reason)
+    return stopped
+
+
+def skip_waiting(run: Run, reason: str) -> None:
+    """Skips the run's queued steps. A step locked by a worker mid-claim is passed over here;
+    that worker sees the stopped run and skips it itself."""
+    with transaction.atomic():
+        waiting = list(
+            Step.objects.select_for_update(skip_locked=True)
+            .filter(run_id=run.id, status__in=CLAIMABLE_STEP_STATUSES)
+            .values_list("id", flat=True)
+        )
+        skipped = skip_waiting_steps(waiting, reason=reason, finished_at=timezone.now())
+        Run.objects.filter(id=run.id).update(open_steps=F("open_steps") - skipped)
+
+
+def cancel_run(run: Run, *, actor: Actor) -> bool:
+    return stop_run(run, to="cancelled", reason=f"cancelled by {actor_label(actor)}", actor=actor)

@@ -1,0 +1,92 @@
+"""The safety net behind "PostgreSQL is the truth": Celery messages and workers can be lost;
+every few seconds beat runs this to find steps whose lease expired (worker died) or whose
+message went missing, and runs past their deadline."""
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from apps.runs.dispatch import StepMessage, send_now
+from apps.runs.models import ACTIVE_RUN_STATUSES, CLAIMABLE_STEP_STATUSES, Run, RunStatus, Step, StepStatus
+from apps.runs.stepflow import Routing, settle
+from apps.runs.transitions import transition_step
+from apps.tenants.context import tenant_context
+from apps.tenants.models import Tenant
+
+logger = logging.getLogger(__name__)
+BATCH = 500
+
+
+def sweep() -> dict[str, int]:
+    """One pass over all tenants. Uses the unscoped managers to find work, then does each
+    piece inside its tenant's context."""
+    return {
+        "expired_leases": _expired_leases(),
+        "lost_messages": _lost_messages(),
+        "overdue_runs": _overdue_runs(),
+    }
+
+
+def _expired_leases() -> int:
+    expired = Step.unscoped_all_tenants.filter(
+        status=StepStatus.RUNNING, lease_until__lt=timezone.now()
+    ).values_list("tenant_id", "id")[:BATCH]
+    count = 0
+    for tenant_id, step_id in expired:
+        with tenant_context(Tenant.objects.get(id=tenant_id)):
+            count += release_expired_lease(step_id)
+    return count
+
+
+def release_expired_lease(step_id: object) -> int:
+    """The worker holding this step is gone: try again elsewhere, or dead-letter it."""
+    with transaction.atomic():
+        step = (
+            Step.objects.select_for_update(skip_locked=True)
+            .filter(id=step_id, status=StepStatus.RUNNING, lease_until__lt=timezone.now())
+            .first()
+        )
+        if step is None:
+            return 0
+        run = Run.objects.select_related("graph_version").get(id=step.run_id)
+        lost = f"attempt {step.attempt}/{step.max_attempts}: worker {step.worker} lost (lease expired)"
+        logger.warning("step %s: %s", step.id, lost)
+        if step.attempt >= step.max_attempts:
+            transition_step(step.id, from_=(StepStatus.RUNNING,), to=StepStatus.DEAD, error=lost, lease_until=None, finished_at=timezone.now())
+            settle(step, run, run.graph_version.spec, Routing())
+            return 1
+        transition_step(step.id, from_=(StepStatus.RUNNING,), to=StepStatus.QUEUED, error=lost, lease_until=None, lease_token=None, enqueued_at=timezone.now())
+        message = StepMessage(step.tenant_id, step.id, step.queue)
+        transaction.on_commit(lambda: send_now(message))
+    return 1
+
+
+def _lost_messages() -> int:
+    """Queued steps nobody picked up for a while get a fresh message; a duplicate is harmless
+    because claiming is conditional."""
+    now = timezone.now()
+    stale = Step.unscoped_all_tenants.filter(
+        status__in=CLAIMABLE_STEP_STATUSES,
+        enqueued_at__lt=now - timedelta(seconds=settings.SLUICE_REQUEUE_AFTER_S),
+    ).exclude(not_before__gt=now)
+    resent = list(stale.values_list("tenant_id", "id", "queue")[:BATCH])
+    for tenant_id, step_id, queue in resent:
+        send_now(StepMessage(tenant_id, step_id, queue))
+    Step.unscoped_all_tenants.filter(id__in=[r[1] for r in resent]).update(enqueued_at=now)
+    return len(resent)
+
+
+def _overdue_runs() -> int:
+    from apps.runs.services import stop_run
+
+    overdue = Run.unscoped_all_tenants.select_related("tenant").filter(
+        status__in=ACTIVE_RUN_STATUSES, deadline__lt=timezone.now()
+    )[:BATCH]
+    count = 0
+    for run in overdue:
+        with tenant_context(run.tenant):
+            count += stop_run(run, to=RunStatus.FAILED, reason="deadline passed", actor=None)
+    return count

@@ -1,0 +1,65 @@
+"""The only way a run or a step changes status: a conditional UPDATE from the statuses the
+caller expects, checked against the allowed transitions. A race (cancel against the last
+step's commit) shows as False; a transition the state machine forbids raises."""
+
+from typing import Any
+from uuid import UUID
+
+from apps.runs.models import Run, RunStatus, Step, StepStatus
+
+RUN_TRANSITIONS: dict[str, set[str]] = {
+    RunStatus.QUEUED: {RunStatus.RUNNING, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED},
+    RunStatus.RUNNING: {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED},
+}
+
+STEP_TRANSITIONS: dict[str, set[str]] = {
+    StepStatus.QUEUED: {StepStatus.RUNNING, StepStatus.SKIPPED},
+    StepStatus.FAILED: {StepStatus.RUNNING, StepStatus.SKIPPED},
+    # running -> queued: the lease expired and the sweeper hands the step to another worker.
+    StepStatus.RUNNING: {
+        StepStatus.DONE,
+        StepStatus.FAILED,
+        StepStatus.DEAD,
+        StepStatus.SKIPPED,
+        StepStatus.QUEUED,
+    },
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def _check(table: dict[str, set[str]], kind: str, from_: tuple[str, ...], to: str) -> None:
+    for status in from_:
+        if to not in table.get(status, set()):
+            raise IllegalTransition(f"{kind} cannot go from {status} to {to}")
+
+
+def transition_run(run_id: UUID, *, from_: tuple[str, ...], to: str, **fields: Any) -> bool:
+    _check(RUN_TRANSITIONS, "run", from_, to)
+    return Run.objects.filter(id=run_id, status__in=from_).update(status=to, **fields) == 1
+
+
+def transition_step(
+    step_id: UUID,
+    *,
+    from_: tuple[str, ...],
+    to: str,
+    holding_lease: UUID | None = None,
+    **fields: Any,
+) -> bool:
+    """With holding_lease, only the worker holding that lease token can make the change."""
+    _check(STEP_TRANSITIONS, "step", from_, to)
+    rows = Step.objects.filter(id=step_id, status__in=from_)
+    if holding_lease is not None:
+        rows = rows.filter(lease_token=holding_lease)
+    return rows.update(status=to, **fields) == 1
+
+
+def skip_waiting_steps(step_ids: list[UUID], *, reason: str, **fields: Any) -> int:
+    """Bulk form of transition_step for cancellation: queued or retry-waiting steps only."""
+    _check(STEP_TRANSITIONS, "step", (StepStatus.QUEUED, StepStatus.FAILED), StepStatus.SKIPPED)
+    return Step.objects.filter(
+        id__in=step_ids, status__in=(StepStatus.QUEUED, StepStatus.FAILED)
+    ).update(status=StepStatus.SKIPPED, skip_reason=reason, **fields)

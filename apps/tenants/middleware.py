@@ -1,0 +1,40 @@
+from collections.abc import Callable
+
+from django.http import HttpRequest, HttpResponse
+
+from apps.tenants.context import tenant_context
+from apps.tenants.models import Membership
+
+SESSION_TENANT_KEY = "sluice_tenant_id"
+
+
+def membership_for(request: HttpRequest) -> Membership | None:
+    """The signed-in user's membership in the tenant chosen in the session, else their first.
+
+    Runs before any tenant is set, so it uses the unscoped manager, filtered by user.
+    """
+    user = request.user
+    if not user.is_authenticated:
+        return None
+    memberships = Membership.unscoped_all_tenants.select_related("tenant").filter(user=user)
+    chosen = request.session.get(SESSION_TENANT_KEY)
+    if chosen is not None:
+        membership = memberships.filter(tenant_id=chosen).first()
+        if membership is not None:
+            return membership
+    return memberships.order_by("created_at", "id").first()
+
+
+class TenantMiddleware:
+    """Sets the current tenant for the whole request (one of the four places that may)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        membership = membership_for(request)
+        request.membership = membership  # type: ignore[attr-defined]
+        if membership is None:
+            return self.get_response(request)
+        with tenant_context(membership.tenant):
+            return self.get_response(request)

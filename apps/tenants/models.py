@@ -1,0 +1,112 @@
+import hashlib
+import secrets
+from typing import Any, ClassVar
+
+from django.conf import settings
+from django.db import models
+
+from apps.tenants.context import current_tenant
+
+
+class Tenant(models.Model):
+    slug = models.SlugField(max_length=63, unique=True)
+    name = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TenantScopedQuerySet(models.QuerySet[Any]):
+    pass
+
+
+class TenantScopedManager(models.Manager[Any]):
+    """Default manager of every tenant-owned model: rows of the current tenant only.
+
+    With no current tenant it raises rather than returning everything (fail closed).
+    """
+
+    def get_queryset(self) -> models.QuerySet[Any]:
+        return super().get_queryset().filter(tenant=current_tenant())
+
+
+class TenantModel(models.Model):
+    """Base of every tenant-owned row. `objects` is scoped to the current tenant;
+    `unscoped_all_tenants` sees every tenant and is for admin, sweepers and migrations only."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, db_index=True, related_name="+")
+
+    objects: ClassVar[TenantScopedManager] = TenantScopedManager()
+    unscoped_all_tenants: ClassVar[models.Manager[Any]] = models.Manager()
+
+    class Meta:
+        abstract = True
+        # Related-object lookups (step.run) and deletion cascades go through the base
+        # manager; they follow foreign keys from rows already scoped, so they stay plain.
+        base_manager_name = "unscoped_all_tenants"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.tenant_id is None:
+            self.tenant = current_tenant()
+        super().save(*args, **kwargs)
+
+
+class Role(models.TextChoices):
+    OWNER = "owner"
+    EDITOR = "editor"
+    OPERATOR = "operator"
+    VIEWER = "viewer"
+
+
+# What each role may do. Checked by apps.tenants.access.require_role.
+ROLE_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.EDITOR: 2, Role.OWNER: 3}
+
+
+class Membership(TenantModel):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "user"], name="membership_one_per_tenant")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.tenant_id} as {self.role}"
+
+    def allows(self, role: str) -> bool:
+        return ROLE_RANK[Role(self.role)] >= ROLE_RANK[Role(role)]
+
+
+API_KEY_PREFIX_LEN = 8
+
+
+def hash_api_secret(secret: str) -> str:
+    # API secrets are 256 random bits, so a fast hash is enough; no salt is needed.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ApiKey(TenantModel):
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=API_KEY_PREFIX_LEN, unique=True)
+    hashed_secret = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @staticmethod
+    def new_secret() -> tuple[str, str]:
+        """(prefix, full key). The full key is shown once and never stored."""
+        prefix = secrets.token_hex(API_KEY_PREFIX_LEN // 2)
+        return prefix, f"sk_{prefix}_{secrets.token_urlsafe(32)}"

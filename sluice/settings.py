@@ -1,0 +1,145 @@
+"""Django settings. Everything that differs between machines comes from the environment
+(see sluice/env.py); with no variables set Sluice uses the embedded PostgreSQL and Redis
+that `make run` starts under var/."""
+
+import secrets
+from pathlib import Path
+
+from sluice import embedded_paths
+from sluice.env import database_from_url, env_bool, env_float, env_int, env_str, redis_url_with_db
+
+BASE_DIR = embedded_paths.BASE_DIR
+VAR_DIR = embedded_paths.var_dir()
+
+
+def _secret_key() -> str:
+    """SLUICE_SECRET_KEY, or a random key kept in var/ so sessions survive restarts."""
+    configured = env_str("SLUICE_SECRET_KEY", "")
+    if configured:
+        return configured
+    key_file = VAR_DIR / "secret_key"
+    if key_file.exists():
+        return key_file.read_text().strip()
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(50)
+    key_file.write_text(key)
+    key_file.chmod(0o600)
+    return key
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("SLUICE_DEBUG", False)
+ALLOWED_HOSTS = [h for h in env_str("SLUICE_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h]
+CSRF_TRUSTED_ORIGINS = [o for o in env_str("SLUICE_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "channels",
+    "apps.tenants",
+    "apps.audit",
+    "apps.graphs",
+    "apps.runs",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "apps.tenants.middleware.TenantMiddleware",
+]
+
+ROOT_URLCONF = "sluice.urls"
+ASGI_APPLICATION = "sluice.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "apps.tenants.context_processors.current_tenant",
+            ],
+        },
+    },
+]
+
+_database_url = env_str("DATABASE_URL", "")
+if not _database_url:
+    _database_url = embedded_paths.embedded_database_url(embedded_paths.postgres_data_dir(VAR_DIR))
+DATABASES = {"default": database_from_url(_database_url)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL", f"redis://127.0.0.1:{embedded_paths.DEFAULT_REDIS_PORT}/0")
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [redis_url_with_db(REDIS_URL, 2)]},
+    }
+}
+
+# Celery: the broker is Redis by default; PostgreSQL stays the truth (DESIGN "Shape").
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", redis_url_with_db(REDIS_URL, 0))
+CELERY_TASK_DEFAULT_QUEUE = "cpu"
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+
+# Execution: how long a claimed step is leased before the sweeper may hand it to another
+# worker, and how often the sweeper looks.
+SLUICE_STEP_LEASE_S = env_float("SLUICE_STEP_LEASE_S", 30.0, minimum=1.0)
+SLUICE_SWEEP_INTERVAL_S = env_float("SLUICE_SWEEP_INTERVAL_S", 5.0, minimum=0.2)
+# A queued step whose message has not been picked up for this long gets a new message.
+SLUICE_REQUEUE_AFTER_S = env_float("SLUICE_REQUEUE_AFTER_S", 30.0, minimum=0.5)
+SLUICE_DEFAULT_MAX_FANOUT = env_int("SLUICE_DEFAULT_MAX_FANOUT", 1000, minimum=1)
+
+# The simulated engine's defaults; a graph's llm.generate config may not change them.
+SLUICE_SIM_TTFT_MS = env_float("SLUICE_SIM_TTFT_MS", 150.0)
+SLUICE_SIM_TOKENS_PER_S = env_float("SLUICE_SIM_TOKENS_PER_S", 80.0, minimum=1.0)
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "graphs:list"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = Path(env_str("SLUICE_STATIC_ROOT", str(VAR_DIR / "staticfiles")))
+# Serve straight from the source folders: no collectstatic step for `make run`.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("SLUICE_LOG_LEVEL", "INFO")},
+}

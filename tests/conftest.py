@@ -1,0 +1,60 @@
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+
+from apps.graphs.models import StreamGraph
+from apps.graphs.services import create_graph
+from apps.tenants.context import tenant_context
+from apps.tenants.models import Role, Tenant
+from apps.tenants.services import add_member, create_tenant
+from tests.harness.platform import LOG_DIR, Platform
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_logs() -> None:
+    shutil.rmtree(LOG_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def platform(request: pytest.FixtureRequest, django_db_setup: None, django_db_blocker: object) -> Iterator[Platform]:
+    """A cpu worker (prefork, like `make run`), a gpu worker (threads) and beat."""
+    label = request.module.__name__.rsplit(".", 1)[-1]
+    running = Platform(label)
+    try:
+        running.start_worker("cpu", ["cpu"], pool="prefork", concurrency=2)
+        running.start_worker("gpu", ["gpu"], pool="threads", concurrency=4)
+        running.start_beat()
+        yield running
+    finally:
+        running.stop()
+
+
+class World:
+    """Two tenants: acme with an owner, an editor, an operator and a viewer; globex with an
+    owner (the outsider)."""
+
+    def __init__(self) -> None:
+        self.acme = create_tenant(slug="acme", name="Acme", actor="test")
+        self.globex = create_tenant(slug="globex", name="Globex", actor="test")
+        self.owner = self.user("owner", self.acme, Role.OWNER)
+        self.editor = self.user("editor", self.acme, Role.EDITOR)
+        self.operator = self.user("operator", self.acme, Role.OPERATOR)
+        self.viewer = self.user("viewer", self.acme, Role.VIEWER)
+        self.outsider = self.user("outsider", self.globex, Role.OWNER)
+
+    def user(self, name: str, tenant: Tenant, role: Role) -> AbstractBaseUser:
+        user = get_user_model().objects.create_user(name, password="pw-" + name)
+        add_member(tenant=tenant, user=user, role=role, actor="test")
+        return user
+
+    def graph(self, slug: str, spec: dict[str, object], tenant: Tenant | None = None) -> StreamGraph:
+        with tenant_context(tenant or self.acme):
+            return create_graph(slug=slug, name=slug.title(), spec=spec, actor=self.owner)
+
+
+@pytest.fixture
+def world(db: None) -> World:
+    return World()

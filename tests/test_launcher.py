@@ -1,0 +1,170 @@
+"""`make run` end to end: the launcher starts the embedded services and every process,
+serves the login page, and on Ctrl-C stops all of it and leaves nothing running."""
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sluice import embedded, embedded_paths
+
+START_TIMEOUT_S = 180
+STOP_TIMEOUT_S = 60
+
+
+def _launcher_env(var_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # The test plugin points these at the test's own services; the launcher must start
+    # its embedded ones.
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    env["SLUICE_VAR_DIR"] = str(var_dir)
+    env["PORT"] = str(embedded.free_port())
+    env["SLUICE_REDIS_PORT"] = str(embedded.free_port())
+    return env
+
+
+def _proc_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (ppid, start time, state) for every process, from /proc/<pid>/stat."""
+    table: dict[int, tuple[int, str, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        # fields[0] is stat field 3 (state); start time is field 22.
+        table[int(entry.name)] = (int(fields[1]), fields[19], fields[0])
+    return table
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> start time of root's live descendants (the start time tells a pid reused
+    later from the process we saw)."""
+    table = _proc_table()
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, started, state) in table.items():
+            if ppid == parent and pid not in found and state != "Z":
+                found[pid] = started
+                frontier.append(pid)
+    return found
+
+
+def _still_running(processes: dict[int, str]) -> list[int]:
+    table = _proc_table()
+    return [
+        pid
+        for pid, started in processes.items()
+        if pid in table and table[pid][1] == started and table[pid][2] != "Z"
+    ]
+
+
+def _login_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _wait_for_login_page(launcher: subprocess.Popen[bytes], url: str, var_dir: Path) -> None:
+    output = var_dir / "launcher-output.txt"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    status = None
+    while time.monotonic() < deadline:
+        assert launcher.poll() is None, f"launcher exited early:\n{output.read_text()}"
+        status = _login_status(url)
+        if status == 200:
+            return
+        # The launcher says "running" once the page answers at all: another answer than
+        # 200 after that will not change by waiting.
+        if status is not None and "Sluice is running at" in output.read_text():
+            break
+        time.sleep(0.5)
+    web_log = _tail(var_dir / "log" / "web.log")
+    pytest.fail(f"{url} answered {status}:\n{output.read_text()}\nweb.log:\n{web_log}")
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(none)"
+
+
+def _force_cleanup(launcher: subprocess.Popen[bytes], var_dir: Path) -> None:
+    """After a failed test: stop what the launcher left, so one failure does not leave
+    servers running."""
+    if launcher.poll() is None:
+        leftovers = _descendants(launcher.pid)
+        launcher.send_signal(signal.SIGINT)
+        try:
+            launcher.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+            for pid in _still_running(leftovers):
+                os.kill(pid, signal.SIGKILL)
+    embedded.stop_postgres(embedded_paths.postgres_data_dir(var_dir))
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + STOP_TIMEOUT_S + 60)
+def test_launcher_serves_and_ctrl_c_leaves_nothing_running() -> None:
+    var_dir = embedded_paths.BASE_DIR / "var" / f"test-launcher-{secrets.token_hex(4)}"
+    var_dir.mkdir(parents=True)
+    output = var_dir / "launcher-output.txt"
+    env = _launcher_env(var_dir)
+    try:
+        with output.open("wb") as out:
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "sluice.launcher"],
+                cwd=embedded_paths.BASE_DIR,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            _check_start_and_stop(launcher, var_dir, int(env["PORT"]), output)
+        finally:
+            _force_cleanup(launcher, var_dir)
+    finally:
+        shutil.rmtree(var_dir, ignore_errors=True)
+
+
+def _check_start_and_stop(
+    launcher: subprocess.Popen[bytes], var_dir: Path, port: int, output: Path
+) -> None:
+    _wait_for_login_page(launcher, f"http://127.0.0.1:{port}/accounts/login/", var_dir)
+    pg_dir = embedded_paths.postgres_data_dir(var_dir)
+    postmaster = embedded.postmaster_pid(pg_dir)
+    assert postmaster is not None, "the embedded PostgreSQL is not running"
+    started = _descendants(launcher.pid)
+    # The launcher is a subreaper, so the postmaster that pg_ctl daemonized is its child.
+    assert postmaster in started, "the postmaster was not adopted by the launcher"
+    assert len(started) >= 6  # postgres, redis, uvicorn, two workers, beat
+
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(STOP_TIMEOUT_S) == 0, output.read_text()
+
+    assert _still_running(started) == [], output.read_text()
+    assert not (pg_dir / "postmaster.pid").exists()
+    assert not (var_dir / "redis" / "redis.pid").exists()
+    assert "Sluice is running at" in output.read_text()

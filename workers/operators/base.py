@@ -1,0 +1,106 @@
+"""What an operator is: a typed config schema, the ports it emits on, and a `run` that turns
+input events into outputs. Operators never touch the database; the executor commits what
+they return in one transaction."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from workers.queues import Queue
+
+JSON = dict[str, Any]
+
+
+class PermanentError(Exception):
+    """Bad data or config: retrying cannot help, so the step goes straight to dead."""
+
+
+class StepCancelled(Exception):
+    """The run was cancelled (or its deadline passed) while this step was running."""
+
+
+class LeaseLost(Exception):
+    """Another worker owns this step now; this attempt's results must be thrown away."""
+
+
+@dataclass(frozen=True)
+class InputEvent:
+    id: str
+    payload: JSON
+    item_index: int | None
+
+
+@dataclass(frozen=True)
+class Output:
+    payload: JSON
+    port: str = "out"
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    model: str
+    engine: str
+    tokens_in: int
+    tokens_out: int
+    engine_seconds: float
+    cost_usd: float
+
+
+@dataclass
+class StepResult:
+    outputs: list[Output] = field(default_factory=list)
+    # (table, row) pairs a sink writes in the same transaction as the step's completion.
+    table_rows: list[tuple[str, JSON]] = field(default_factory=list)
+    usage: UsageRecord | None = None
+
+
+@dataclass(frozen=True)
+class StepContext:
+    run_id: str
+    step_id: str
+    node_id: str
+    config: JSON
+    attempt: int
+    max_fanout: int
+    # Extends the lease; raises StepCancelled or LeaseLost. Cheap to call often.
+    heartbeat: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """A problem with one node's config, found by the operator's own checks."""
+
+    field: str
+    message: str
+
+
+class Operator:
+    type_name: ClassVar[str]
+    description: ClassVar[str]
+    config_schema: ClassVar[JSON] = {"type": "object", "additionalProperties": False}
+    default_queue: ClassVar[Queue] = Queue.CPU
+    # A source starts the graph: it has no incoming edges and receives the run's input.
+    is_source: ClassVar[bool] = False
+    # A fan-out's outputs are items of a new scope; a collect consumes one scope's items at once.
+    opens_scope: ClassVar[bool] = False
+    is_collect: ClassVar[bool] = False
+
+    def output_ports(self, config: JSON) -> set[str]:
+        return {"out"}
+
+    def check(self, node_id: str, config: JSON, nodes: dict[str, JSON], parents: dict[str, set[str]]) -> list[SpecIssue]:
+        """Checks beyond the JSON schema (template syntax, references to other nodes)."""
+        return []
+
+    def run(self, ctx: StepContext, inputs: list[InputEvent]) -> StepResult:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, Operator] = {}
+
+
+def register(cls: type[Operator]) -> type[Operator]:
+    if cls.type_name in REGISTRY:
+        raise RuntimeError(f"operator type {cls.type_name!r} is registered twice")
+    REGISTRY[cls.type_name] = cls()
+    return cls
