@@ -7,6 +7,7 @@ replaces a Redis left running.
 No Django imports: this runs before settings load.
 """
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -65,6 +66,9 @@ def start_postgres(data_dir: Path) -> str:
     # would get a handle to a stopped server. Look again, under pgserver's lock.
     with server._lock:
         server.ensure_postgres_running()
+    # stop_postgres owns the server's lifetime. pgserver's exit hook only updates its
+    # list of users and logs, at a time when pytest has closed the stream it logs to.
+    atexit.unregister(server._cleanup)
     return embedded_database_url(data_dir)
 
 

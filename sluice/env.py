@@ -56,7 +56,9 @@ def database_from_url(url: str, *, name: str = "DATABASE_URL") -> dict[str, obje
     """Django DATABASES entry from postgresql://user:pass@host:port/db?host=/socket/dir."""
     parsed = urlparse(url)
     if parsed.scheme not in {"postgres", "postgresql"}:
-        raise ImproperlyConfigured(f"{name} must start with postgresql://, got scheme {parsed.scheme!r}")
+        raise ImproperlyConfigured(
+            f"{name} must start with postgresql://, got scheme {parsed.scheme!r}"
+        )
     dbname = unquote(parsed.path.lstrip("/"))
     if not dbname:
         raise ImproperlyConfigured(f"{name} must name a database, e.g. postgresql://host/sluice")

@@ -29,7 +29,9 @@ def _secret_key() -> str:
 
 SECRET_KEY = _secret_key()
 DEBUG = env_bool("SLUICE_DEBUG", False)
-ALLOWED_HOSTS = [h for h in env_str("SLUICE_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h]
+ALLOWED_HOSTS = [
+    h for h in env_str("SLUICE_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h
+]
 CSRF_TRUSTED_ORIGINS = [o for o in env_str("SLUICE_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
 INSTALLED_APPS = [
@@ -115,6 +117,8 @@ SLUICE_DEFAULT_MAX_FANOUT = env_int("SLUICE_DEFAULT_MAX_FANOUT", 1000, minimum=1
 # The simulated engine's defaults; a graph's llm.generate config may not change them.
 SLUICE_SIM_TTFT_MS = env_float("SLUICE_SIM_TTFT_MS", 150.0)
 SLUICE_SIM_TOKENS_PER_S = env_float("SLUICE_SIM_TOKENS_PER_S", 80.0, minimum=1.0)
+# Fault injection for tests and demos: fail the first N attempts of every generation.
+SLUICE_SIM_FAIL_FIRST_ATTEMPTS = env_int("SLUICE_SIM_FAIL_FIRST_ATTEMPTS", 0)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -131,8 +135,9 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = Path(env_str("SLUICE_STATIC_ROOT", str(VAR_DIR / "staticfiles")))
-# Serve straight from the source folders: no collectstatic step for `make run`.
+# Set for `collectstatic` in production; unset, static files are served straight from the
+# source folders, so `make run` needs no collectstatic step.
+STATIC_ROOT = Path(env_str("SLUICE_STATIC_ROOT", "")) if env_str("SLUICE_STATIC_ROOT", "") else None
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 

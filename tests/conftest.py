@@ -19,7 +19,9 @@ def _fresh_logs() -> None:
 
 
 @pytest.fixture(scope="module")
-def platform(request: pytest.FixtureRequest, django_db_setup: None, django_db_blocker: object) -> Iterator[Platform]:
+def platform(
+    request: pytest.FixtureRequest, django_db_setup: None, django_db_blocker: object
+) -> Iterator[Platform]:
     """A cpu worker (prefork, like `make run`), a gpu worker (threads) and beat."""
     label = request.module.__name__.rsplit(".", 1)[-1]
     running = Platform(label)
@@ -50,7 +52,9 @@ class World:
         add_member(tenant=tenant, user=user, role=role, actor="test")
         return user
 
-    def graph(self, slug: str, spec: dict[str, object], tenant: Tenant | None = None) -> StreamGraph:
+    def graph(
+        self, slug: str, spec: dict[str, object], tenant: Tenant | None = None
+    ) -> StreamGraph:
         with tenant_context(tenant or self.acme):
             return create_graph(slug=slug, name=slug.title(), spec=spec, actor=self.owner)
 

@@ -32,6 +32,12 @@ class StreamGraph(TenantModel):
     def __str__(self) -> str:
         return self.name
 
+    def live_version(self) -> "GraphVersion":
+        """The version new runs use. Every graph gets one on creation."""
+        if self.deployed_version is None:
+            raise GraphVersion.DoesNotExist(f"graph {self.slug!r} has no deployed version")
+        return self.deployed_version
+
 
 class GraphVersion(TenantModel):
     """An immutable, validated spec. A trigger (migration 0002) refuses UPDATE."""

@@ -12,7 +12,9 @@ from apps.graphs.validation import check_spec
 from apps.tenants.context import current_tenant
 
 
-def create_graph(*, slug: str, name: str, spec: Any, actor: Actor, description: str = "", note: str = "") -> StreamGraph:
+def create_graph(
+    *, slug: str, name: str, spec: Any, actor: Actor, description: str = "", note: str = ""
+) -> StreamGraph:
     spec = check_spec(spec)
     with transaction.atomic():
         graph = StreamGraph.objects.create(slug=slug, name=name, description=description)
@@ -30,7 +32,9 @@ def create_graph(*, slug: str, name: str, spec: Any, actor: Actor, description: 
     return graph
 
 
-def add_version(*, graph: StreamGraph, spec: Any, actor: Actor, note: str = "", deploy: bool = True) -> GraphVersion:
+def add_version(
+    *, graph: StreamGraph, spec: Any, actor: Actor, note: str = "", deploy: bool = True
+) -> GraphVersion:
     spec = check_spec(spec)
     with transaction.atomic():
         # Lock the graph so two saves cannot take the same version number.
@@ -52,7 +56,9 @@ def add_version(*, graph: StreamGraph, spec: Any, actor: Actor, note: str = "", 
     return version
 
 
-def _add_version(graph: StreamGraph, spec: dict[str, Any], *, actor: Actor, note: str) -> GraphVersion:
+def _add_version(
+    graph: StreamGraph, spec: dict[str, Any], *, actor: Actor, note: str
+) -> GraphVersion:
     latest = graph.versions.aggregate(latest=Max("number"))["latest"] or 0
     version = GraphVersion.objects.create(
         graph=graph,
@@ -60,7 +66,7 @@ def _add_version(graph: StreamGraph, spec: dict[str, Any], *, actor: Actor, note
         spec=spec,
         checksum=spec_checksum(spec),
         note=note,
-        created_by=actor if getattr(actor, "is_authenticated", False) else None,  # type: ignore[misc]
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
     )
     record(
         tenant=current_tenant(),

@@ -19,9 +19,9 @@ def send_now(message: StepMessage) -> None:
     from workers.tasks import execute_step  # the task module imports this one
 
     execute_step.apply_async(
-        args=[message.tenant_id, str(message.step_id)],
+        args=(message.tenant_id, str(message.step_id)),
         queue=message.queue,
-        countdown=message.countdown_s or None,
+        countdown=message.countdown_s,
     )
 
 

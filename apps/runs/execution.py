@@ -68,9 +68,7 @@ def execute(step_id: UUID, worker: str) -> list[StepMessage]:
     """Claim, run and commit one step. Returns the messages of the steps it created."""
     claim = claim_step(step_id, worker)
     if isinstance(claim, Overdue):
-        from apps.runs.services import stop_run
-
-        stop_run(claim.run, to=RunStatus.FAILED, reason="deadline passed", actor=None)
+        expire(claim.run)
         return []
     if claim is None:
         return []
@@ -78,15 +76,29 @@ def execute(step_id: UUID, worker: str) -> list[StepMessage]:
         result = run_operator(claim)
         return commit_step(claim, result)
     except StepCancelled as exc:
+        if isinstance(exc, DeadlinePassed):
+            expire(claim.run)  # first, so the run ends failed rather than succeeded
         end_running_step(claim, StepStatus.SKIPPED, skip_reason=f"{exc} while running")
     except LeaseLost:
-        logger.warning("step %s: lease lost to another worker; this attempt's results are dropped", step_id)
+        logger.warning(
+            "step %s: lease lost to another worker; this attempt's results are dropped", step_id
+        )
     except PermanentError as exc:
         fail_attempt(claim, str(exc), permanent=True)
     except Exception as exc:
         logger.exception("step %s (%s) failed", step_id, claim.node["id"])
         fail_attempt(claim, f"{type(exc).__name__}: {exc}", permanent=False)
     return []
+
+
+class DeadlinePassed(StepCancelled):
+    pass
+
+
+def expire(run: Run) -> None:
+    from apps.runs.services import stop_run  # services import this module's neighbours
+
+    stop_run(run, to=RunStatus.FAILED, reason="deadline passed", actor=None)
 
 
 def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
@@ -129,7 +141,11 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
 
 def _skip(step: Step, run: Run, reason: str) -> None:
     transition_step(
-        step.id, from_=(step.status,), to=StepStatus.SKIPPED, skip_reason=reason, finished_at=timezone.now()
+        step.id,
+        from_=(step.status,),
+        to=StepStatus.SKIPPED,
+        skip_reason=reason,
+        finished_at=timezone.now(),
     )
     settle(step, run, run.graph_version.spec, Routing())
 
@@ -153,11 +169,13 @@ class Heartbeat:
         ).update(lease_until=lease_until())
         if not extended:
             raise LeaseLost(str(claim.step.id))
-        status, deadline = Run.objects.filter(id=claim.run.id).values_list("status", "deadline").get()
+        status, deadline = (
+            Run.objects.filter(id=claim.run.id).values_list("status", "deadline").get()
+        )
         if status not in (RunStatus.QUEUED, RunStatus.RUNNING):
             raise StepCancelled(f"run {status}")
         if deadline is not None and deadline <= timezone.now():
-            raise StepCancelled("deadline passed")
+            raise DeadlinePassed("deadline passed")
 
 
 def run_operator(claim: Claimed) -> StepResult:
@@ -192,7 +210,9 @@ def commit_step(claim: Claimed, result: StepResult) -> list[StepMessage]:
         step = _lock_own_step(claim)
         run = Run.objects.select_related("graph_version").get(id=step.run_id)
         if not run.is_active:
-            _end(step, run, claim, StepStatus.SKIPPED, skip_reason=f"run {run.status} while running")
+            _end(
+                step, run, claim, StepStatus.SKIPPED, skip_reason=f"run {run.status} while running"
+            )
             return []
         events = write_outputs(step, run, result, opens_scope=operator.opens_scope)
         routing = Routing()
@@ -264,4 +284,6 @@ def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
             enqueued_at=now,
         )
         if moved:
-            send_on_commit([StepMessage(claim.run.tenant_id, claim.step.id, claim.step.queue, delay)])
+            send_on_commit(
+                [StepMessage(claim.run.tenant_id, claim.step.id, claim.step.queue, delay)]
+            )

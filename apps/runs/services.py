@@ -34,7 +34,9 @@ def check_input(version: GraphVersion, payload: Any) -> dict[str, Any]:
         raise InvalidInput(f"input is {size} bytes; the limit is {MAX_INPUT_BYTES} bytes")
     schema = source_node(version.spec).get("config", {}).get("input_schema")
     if schema:
-        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(payload))
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(schema).iter_errors(payload)
+        )
         if error is not None:
             where = ".".join(str(p) for p in error.absolute_path) or "input"
             raise InvalidInput(f"{where}: {error.message}")
@@ -57,7 +59,7 @@ def start_run(
             budget_usd=Decimal(str(policies["budget_usd"])) if "budget_usd" in policies else None,
             on_disconnect=policies.get("on_disconnect", "detach"),
             open_steps=1,
-            created_by=actor if getattr(actor, "is_authenticated", False) else None,  # type: ignore[misc]
+            created_by=actor if getattr(actor, "is_authenticated", False) else None,
         )
         event = Event.objects.create(
             run=run, node_id="input", port="out", payload=payload, event_time=now
@@ -81,7 +83,9 @@ def stop_run(run: Run, *, to: str, reason: str, actor: Actor) -> bool:
     learn of it at their next heartbeat and commit nothing. False if it had already ended."""
     now = timezone.now()
     with transaction.atomic():
-        stopped = transition_run(run.id, from_=ACTIVE_RUN_STATUSES, to=to, error=reason, finished_at=now)
+        stopped = transition_run(
+            run.id, from_=ACTIVE_RUN_STATUSES, to=to, error=reason, finished_at=now
+        )
         if stopped:
             record(
                 tenant=run.tenant,

@@ -71,7 +71,9 @@ class Routing:
 
     def _arrive(self, event: Any, collect_node_id: str) -> None:
         if not event.scopes:
-            raise PermanentError(f"collect '{collect_node_id}' received an event outside any fan-out")
+            raise PermanentError(
+                f"collect '{collect_node_id}' received an event outside any fan-out"
+            )
         self.arrivals[UUID(event.scopes[-1][0])].append(event.id)
 
 
@@ -143,7 +145,9 @@ def _move_open_steps(run: Run, delta: int) -> None:
 
 def finish_run(run: Run, *, from_status: str) -> None:
     dead = list(
-        Step.objects.filter(run_id=run.id, status=StepStatus.DEAD).values_list("node_id", "error")[:5]
+        Step.objects.filter(run_id=run.id, status=StepStatus.DEAD).values_list("node_id", "error")[
+            :5
+        ]
     )
     if dead:
         summary = "; ".join(f"{node}: {error}" for node, error in dead)
@@ -155,4 +159,6 @@ def finish_run(run: Run, *, from_status: str) -> None:
             finished_at=timezone.now(),
         )
     else:
-        transition_run(run.id, from_=(from_status,), to=RunStatus.SUCCEEDED, finished_at=timezone.now())
+        transition_run(
+            run.id, from_=(from_status,), to=RunStatus.SUCCEEDED, finished_at=timezone.now()
+        )

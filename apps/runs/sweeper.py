@@ -10,7 +10,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.runs.dispatch import StepMessage, send_now
-from apps.runs.models import ACTIVE_RUN_STATUSES, CLAIMABLE_STEP_STATUSES, Run, RunStatus, Step, StepStatus
+from apps.runs.models import (
+    ACTIVE_RUN_STATUSES,
+    CLAIMABLE_STEP_STATUSES,
+    Run,
+    RunStatus,
+    Step,
+    StepStatus,
+)
 from apps.runs.stepflow import Routing, settle
 from apps.runs.transitions import transition_step
 from apps.tenants.context import tenant_context
@@ -52,13 +59,30 @@ def release_expired_lease(step_id: object) -> int:
         if step is None:
             return 0
         run = Run.objects.select_related("graph_version").get(id=step.run_id)
-        lost = f"attempt {step.attempt}/{step.max_attempts}: worker {step.worker} lost (lease expired)"
+        lost = (
+            f"attempt {step.attempt}/{step.max_attempts}: worker {step.worker} lost (lease expired)"
+        )
         logger.warning("step %s: %s", step.id, lost)
         if step.attempt >= step.max_attempts:
-            transition_step(step.id, from_=(StepStatus.RUNNING,), to=StepStatus.DEAD, error=lost, lease_until=None, finished_at=timezone.now())
+            transition_step(
+                step.id,
+                from_=(StepStatus.RUNNING,),
+                to=StepStatus.DEAD,
+                error=lost,
+                lease_until=None,
+                finished_at=timezone.now(),
+            )
             settle(step, run, run.graph_version.spec, Routing())
             return 1
-        transition_step(step.id, from_=(StepStatus.RUNNING,), to=StepStatus.QUEUED, error=lost, lease_until=None, lease_token=None, enqueued_at=timezone.now())
+        transition_step(
+            step.id,
+            from_=(StepStatus.RUNNING,),
+            to=StepStatus.QUEUED,
+            error=lost,
+            lease_until=None,
+            lease_token=None,
+            enqueued_at=timezone.now(),
+        )
         message = StepMessage(step.tenant_id, step.id, step.queue)
         transaction.on_commit(lambda: send_now(message))
     return 1

@@ -13,7 +13,7 @@ from sluice import processes
 from sluice.embedded_paths import BASE_DIR, embedded_database_url
 from tests.harness.plugin import SERVICES_DIR, pg_data_dir
 
-LOG_DIR = BASE_DIR / "var" / "test-logs"
+LOG_DIR = BASE_DIR / "var" / "test-logs" / f"session-{os.getpid()}"
 
 
 class Platform:
@@ -23,8 +23,8 @@ class Platform:
         self.label = label
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = {**os.environ, **overrides}
         # pytest-django has switched this process to the test database; so must the workers.
         env["DATABASE_URL"] = embedded_database_url(pg_data_dir(), connection.settings_dict["NAME"])
         return env
@@ -33,10 +33,16 @@ class Platform:
         return LOG_DIR / f"{self.label}-{name}.log"
 
     def start_worker(
-        self, name: str, queues: list[str], *, pool: str = "threads", concurrency: int = 4
+        self,
+        name: str,
+        queues: list[str],
+        *,
+        pool: str = "threads",
+        concurrency: int = 4,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         argv = processes.worker_argv(queues, name, pool=pool, concurrency=concurrency)
-        proc = processes.spawn(argv, env=self.env(), log_path=self.log_path(name))
+        proc = processes.spawn(argv, env=self.env(**(env or {})), log_path=self.log_path(name))
         self.procs.append(proc)
         self._wait_ready(name)
         return proc

@@ -1,8 +1,9 @@
 """Pytest plugin (loaded with -p, before pytest-django reads settings): starts a real
 PostgreSQL and Redis for the test session and points the settings at them.
 
-Test services live under var/test-services, apart from `make run`'s var/pg, so a running
-platform and a test run never share data.
+Each test session gets its own folder under var/test-services (apart from `make run`'s
+var/pg), so a running platform and two test sessions at once never share data; it is
+removed when the session ends.
 """
 
 import logging
@@ -15,7 +16,7 @@ import pytest
 from sluice import embedded
 from sluice.embedded_paths import BASE_DIR
 
-SERVICES_DIR = BASE_DIR / "var" / "test-services"
+SERVICES_DIR = BASE_DIR / "var" / "test-services" / f"session-{os.getpid()}"
 
 # Short leases and a busy sweeper, so crash recovery happens within seconds in tests;
 # a fast simulated engine so LLM stages do not dominate the suite's time.
@@ -37,8 +38,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
         return
     os.environ.update(TEST_ENV)
     redis_dir = SERVICES_DIR / "redis"
-    shutil.rmtree(redis_dir, ignore_errors=True)  # no stale messages from an earlier run
-    redis_dir.mkdir(parents=True)
+    redis_dir.mkdir(parents=True, exist_ok=True)
     port = embedded.free_port()
     _redis = embedded.start_redis(redis_dir, port)
     os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
@@ -55,3 +55,4 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if _redis is not None:
         embedded.stop_redis(_redis)  # type: ignore[arg-type]
         embedded.stop_postgres(pg_data_dir())
+        shutil.rmtree(SERVICES_DIR, ignore_errors=True)

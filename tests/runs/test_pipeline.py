@@ -16,21 +16,41 @@ FANOUT_SPEC = {
     "nodes": [
         {"id": "in", "type": "source.manual"},
         {"id": "split", "type": "fanout.split", "config": {"field": "words", "max_items": 100}},
-        {"id": "shout", "type": "transform.template", "config": {"template": "{{ item | upper }}-{{ index }}", "output": "loud"}},
+        {
+            "id": "shout",
+            "type": "transform.template",
+            "config": {"template": "{{ item | upper }}-{{ index }}", "output": "loud"},
+        },
         {"id": "each", "type": "sink.table", "config": {"table": "loud_words"}},
         {"id": "gather", "type": "collect", "config": {"by": "split"}},
-        {"id": "joined", "type": "transform.template", "config": {"template": "{{ items | map(attribute='loud') | join(',') }}", "output": "all"}},
+        {
+            "id": "joined",
+            "type": "transform.template",
+            "config": {
+                "template": "{{ items | map(attribute='loud') | join(',') }}",
+                "output": "all",
+            },
+        },
         {"id": "store", "type": "sink.table", "config": {"table": "digests"}},
     ],
-    "edges": [["in", "split"], ["split", "shout"], ["shout", "each"], ["shout", "gather"], ["gather", "joined"], ["joined", "store"]],
+    "edges": [
+        ["in", "split"],
+        ["split", "shout"],
+        ["shout", "each"],
+        ["shout", "gather"],
+        ["gather", "joined"],
+        ["joined", "store"],
+    ],
 }
 
 
-def test_fanout_template_collect_sink_gives_exactly_the_expected_rows(world: World, platform: object) -> None:
+def test_fanout_template_collect_sink_gives_exactly_the_expected_rows(
+    world: World, platform: object
+) -> None:
     graph = world.graph("fanout", FANOUT_SPEC)
     words = [f"w{i}" for i in range(50)]
     with tenant_context(world.acme):
-        run = start_run(version=graph.deployed_version, payload={"words": words}, actor=world.owner)
+        run = start_run(version=graph.live_version(), payload={"words": words}, actor=world.owner)
     run = wait_for_run(run)
 
     with tenant_context(world.acme):
@@ -43,8 +63,18 @@ def test_fanout_template_collect_sink_gives_exactly_the_expected_rows(world: Wor
         assert digest.data["count"] == 50
 
         steps = Counter(Step.objects.filter(run=run).values_list("node_id", flat=True))
-        assert steps == {"in": 1, "split": 1, "shout": 50, "each": 50, "gather": 1, "joined": 1, "store": 1}
-        assert set(Step.objects.filter(run=run).values_list("status", flat=True)) == {StepStatus.DONE}
+        assert steps == {
+            "in": 1,
+            "split": 1,
+            "shout": 50,
+            "each": 50,
+            "gather": 1,
+            "joined": 1,
+            "store": 1,
+        }
+        assert set(Step.objects.filter(run=run).values_list("status", flat=True)) == {
+            StepStatus.DONE
+        }
         assert Event.objects.filter(run=run, producer__node_id="split").count() == 50
         run.refresh_from_db()
         assert run.open_steps == 0
@@ -54,7 +84,11 @@ def test_route_switch_sends_each_event_down_one_branch(world: World, platform: o
     spec = {
         "nodes": [
             {"id": "in", "type": "source.manual"},
-            {"id": "route", "type": "route.switch", "config": {"field": "kind", "cases": {"a": "left"}, "default": "right"}},
+            {
+                "id": "route",
+                "type": "route.switch",
+                "config": {"field": "kind", "cases": {"a": "left"}, "default": "right"},
+            },
             {"id": "l", "type": "sink.table", "config": {"table": "lefts"}},
             {"id": "r", "type": "sink.table", "config": {"table": "rights"}},
         ],
@@ -62,7 +96,10 @@ def test_route_switch_sends_each_event_down_one_branch(world: World, platform: o
     }
     graph = world.graph("switch", spec)
     with tenant_context(world.acme):
-        runs = [start_run(version=graph.deployed_version, payload={"kind": k}, actor=world.owner) for k in ("a", "b")]
+        runs = [
+            start_run(version=graph.live_version(), payload={"kind": k}, actor=world.owner)
+            for k in ("a", "b")
+        ]
     for run in runs:
         assert wait_for_run(run).status == RunStatus.SUCCEEDED
     with tenant_context(world.acme):
@@ -70,7 +107,9 @@ def test_route_switch_sends_each_event_down_one_branch(world: World, platform: o
         assert [r.table for r in ResultRow.objects.filter(run=runs[1])] == ["rights"]
 
 
-def test_a_permanent_error_dead_letters_the_step_and_fails_the_run(world: World, platform: object) -> None:
+def test_a_permanent_error_dead_letters_the_step_and_fails_the_run(
+    world: World, platform: object
+) -> None:
     spec = {
         "nodes": [
             {"id": "in", "type": "source.manual"},
@@ -81,7 +120,9 @@ def test_a_permanent_error_dead_letters_the_step_and_fails_the_run(world: World,
     }
     graph = world.graph("bad-input", spec)
     with tenant_context(world.acme):
-        run = start_run(version=graph.deployed_version, payload={"items": "not a list"}, actor=world.owner)
+        run = start_run(
+            version=graph.live_version(), payload={"items": "not a list"}, actor=world.owner
+        )
     run = wait_for_run(run)
     with tenant_context(world.acme):
         assert run.status == RunStatus.FAILED
@@ -97,21 +138,29 @@ def test_llm_generate_on_the_simulated_engine_records_usage(world: World, platfo
     spec = {
         "nodes": [
             {"id": "in", "type": "source.manual"},
-            {"id": "gen", "type": "llm.generate", "config": {"prompt": "Say {{ word }}", "max_tokens": 8}},
+            {
+                "id": "gen",
+                "type": "llm.generate",
+                "config": {"prompt": "Say {{ word }}", "max_tokens": 8},
+            },
             {"id": "store", "type": "sink.table", "config": {"table": "texts"}},
         ],
         "edges": [["in", "gen"], ["gen", "store"]],
     }
     graph = world.graph("gen", spec)
     with tenant_context(world.acme):
-        first = start_run(version=graph.deployed_version, payload={"word": "hi"}, actor=world.owner)
-        second = start_run(version=graph.deployed_version, payload={"word": "hi"}, actor=world.owner)
+        first = start_run(version=graph.live_version(), payload={"word": "hi"}, actor=world.owner)
+        second = start_run(
+            version=graph.live_version(), payload={"word": "hi"}, actor=world.owner
+        )
     for run in (first, second):
         assert wait_for_run(run).status == RunStatus.SUCCEEDED
     with tenant_context(world.acme):
         texts = [ResultRow.objects.get(run=r).data["text"] for r in (first, second)]
-        assert texts[0] == texts[1] and len(texts[0].split()) == 8  # deterministic, max_tokens respected
+        assert texts[0] == texts[1]  # the simulated engine is a pure function of the prompt
+        words = len(texts[0].split())
+        assert 4 <= words <= 8  # half to all of max_tokens
         step = Step.objects.get(run=first, node_id="gen")
-        assert step.queue == "gpu" and step.tokens_out == 8
+        assert step.queue == "gpu" and step.tokens_out == words
         usage = step.usage.get()
-        assert (usage.engine, usage.tokens_in, usage.tokens_out) == ("simulated", 2, 8)
+        assert (usage.engine, usage.tokens_in, usage.tokens_out) == ("simulated", 2, words)

@@ -29,5 +29,7 @@ MODELS: dict[str, ModelEntry] = {
 
 def simulated_engine() -> SimulatedEngine:
     return SimulatedEngine(
-        ttft_s=settings.SLUICE_SIM_TTFT_MS / 1000, tokens_per_s=settings.SLUICE_SIM_TOKENS_PER_S
+        ttft_s=settings.SLUICE_SIM_TTFT_MS / 1000,
+        tokens_per_s=settings.SLUICE_SIM_TOKENS_PER_S,
+        fail_first_attempts=settings.SLUICE_SIM_FAIL_FIRST_ATTEMPTS,
     )

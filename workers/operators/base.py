@@ -88,7 +88,9 @@ class Operator:
     def output_ports(self, config: JSON) -> set[str]:
         return {"out"}
 
-    def check(self, node_id: str, config: JSON, nodes: dict[str, JSON], parents: dict[str, set[str]]) -> list[SpecIssue]:
+    def check(
+        self, node_id: str, config: JSON, nodes: dict[str, JSON], parents: dict[str, set[str]]
+    ) -> list[SpecIssue]:
         """Checks beyond the JSON schema (template syntax, references to other nodes)."""
         return []
 

@@ -1,6 +1,7 @@
 """The first operators: a manual source, a template transform, a switch, fan-out, fan-in and
 a table sink. `llm.generate` lives in workers/operators/llm.py."""
 
+import json
 from typing import Any
 
 from workers.operators.base import (
@@ -16,7 +17,7 @@ from workers.operators.base import (
 )
 from workers.operators.templating import render, syntax_error
 
-FIELD_NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"}
+FIELD_NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}(?!\\n)$"}
 
 
 def template_variables(payload: JSON) -> dict[str, Any]:
@@ -63,7 +64,9 @@ class TemplateTransform(Operator):
         },
     }
 
-    def check(self, node_id: str, config: JSON, nodes: dict[str, JSON], parents: dict[str, set[str]]) -> list[SpecIssue]:
+    def check(
+        self, node_id: str, config: JSON, nodes: dict[str, JSON], parents: dict[str, set[str]]
+    ) -> list[SpecIssue]:
         problem = syntax_error(config["template"])
         return [SpecIssue("template", problem)] if problem else []
 
@@ -100,10 +103,16 @@ class Switch(Operator):
 
     def run(self, ctx: StepContext, inputs: list[InputEvent]) -> StepResult:
         payload = only_input(inputs).payload
-        value = payload.get(ctx.config["field"])
-        port = ctx.config["cases"].get(str(value), ctx.config.get("default"))
+        port = ctx.config["cases"].get(
+            case_key(payload.get(ctx.config["field"])), ctx.config.get("default")
+        )
         # No matching case and no default: the event ends here, visibly, with no output.
         return StepResult(outputs=[Output(payload, port)] if port else [])
+
+
+def case_key(value: object) -> str:
+    """A payload value as a case name, spelt as in JSON: true, false, null, 1, 1.5, text."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 @register
@@ -130,7 +139,9 @@ class Split(Operator):
         limit = min(ctx.config.get("max_items", ctx.max_fanout), ctx.max_fanout)
         if len(items) > limit:
             raise PermanentError(f"{len(items)} items exceed the fan-out limit of {limit}")
-        return StepResult(outputs=[Output({"item": item, "index": i}) for i, item in enumerate(items)])
+        return StepResult(
+            outputs=[Output({"item": item, "index": i}) for i, item in enumerate(items)]
+        )
 
 
 @register
@@ -145,7 +156,9 @@ class Collect(Operator):
         "properties": {"by": {"type": "string"}},
     }
 
-    def check(self, node_id: str, config: JSON, nodes: dict[str, JSON], parents: dict[str, set[str]]) -> list[SpecIssue]:
+    def check(
+        self, node_id: str, config: JSON, nodes: dict[str, JSON], parents: dict[str, set[str]]
+    ) -> list[SpecIssue]:
         by = config["by"]
         if nodes.get(by, {}).get("type") != Split.type_name:
             return [SpecIssue("by", f"{by!r} is not a fanout.split node")]
@@ -178,7 +191,7 @@ class TableSink(Operator):
         "type": "object",
         "additionalProperties": False,
         "required": ["table"],
-        "properties": {"table": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}$"}},
+        "properties": {"table": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}(?!\\n)$"}},
     }
 
     def run(self, ctx: StepContext, inputs: list[InputEvent]) -> StepResult:

@@ -34,7 +34,9 @@ class Generate(Operator):
         },
     }
 
-    def check(self, node_id: str, config: JSON, nodes: dict[str, JSON], parents: dict[str, set[str]]) -> list[SpecIssue]:
+    def check(
+        self, node_id: str, config: JSON, nodes: dict[str, JSON], parents: dict[str, set[str]]
+    ) -> list[SpecIssue]:
         issues = []
         model = config.get("model", "default")
         if model not in MODELS:
@@ -52,7 +54,12 @@ class Generate(Operator):
         engine = simulated_engine()
         started = time.monotonic()
         tokens = list(
-            engine.stream(prompt, ctx.config.get("max_tokens", 256), between_tokens=ctx.heartbeat)
+            engine.stream(
+                prompt,
+                ctx.config.get("max_tokens", 256),
+                attempt=ctx.attempt,
+                between_tokens=ctx.heartbeat,
+            )
         )
         # The simulated engine's tokens are words; a prompt's word count stands in for its tokens.
         tokens_in = len(prompt.split())

@@ -24,11 +24,14 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             raise PermanentError("template: exponent above 64 is not allowed")
         if operator_name == "*":
             for seq, count in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
-                    if len(seq) * count > MAX_SEQUENCE_PRODUCT:
-                        raise PermanentError(
-                            f"template: repeating a sequence to more than {MAX_SEQUENCE_PRODUCT} items"
-                        )
+                if (
+                    isinstance(seq, (str, list, tuple))
+                    and isinstance(count, int)
+                    and len(seq) * count > MAX_SEQUENCE_PRODUCT
+                ):
+                    raise PermanentError(
+                        f"template: a repeated sequence over {MAX_SEQUENCE_PRODUCT} items"
+                    )
         return {"*": operator.mul, "**": operator.pow}[operator_name](left, right)
 
 
@@ -41,6 +44,8 @@ def syntax_error(source: str) -> str | None:
         return f"template is {len(source)} characters; the limit is {MAX_TEMPLATE_CHARS}"
     try:
         compile_template(source)
+    except RecursionError:
+        return "template is nested too deeply"
     except TemplateError as exc:
         line = getattr(exc, "lineno", None)
         return f"line {line}: {exc.message}" if line else str(exc.message)
@@ -55,10 +60,12 @@ def compile_template(source: str) -> Template:
 def render(source: str, variables: dict[str, Any]) -> str:
     try:
         text = compile_template(source).render(variables)
-    except UndefinedError as exc:
+    except (UndefinedError, TemplateError) as exc:
         raise PermanentError(f"template: {exc.message}") from None
-    except TemplateError as exc:
-        raise PermanentError(f"template: {exc.message}") from None
+    except RecursionError:
+        raise PermanentError("template: nested too deeply") from None
     if len(text) > MAX_RENDERED_CHARS:
-        raise PermanentError(f"template output is {len(text)} characters; the limit is {MAX_RENDERED_CHARS}")
+        raise PermanentError(
+            f"template output is {len(text)} characters; the limit is {MAX_RENDERED_CHARS}"
+        )
     return text

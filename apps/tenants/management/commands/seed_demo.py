@@ -47,7 +47,9 @@ class Command(BaseCommand):
         if user is None or not credentials.exists():
             password = secrets.token_urlsafe(9)
             if user is None:
-                user = User.objects.create_user(DEMO_USERNAME, password=password, is_staff=True, is_superuser=True)
+                user = User.objects.create_user(
+                    DEMO_USERNAME, password=password, is_staff=True, is_superuser=True
+                )
             else:
                 user.set_password(password)
                 user.save(update_fields=["password"])
