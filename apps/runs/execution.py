@@ -25,7 +25,7 @@ from apps.runs.models import (
     Step,
     StepStatus,
 )
-from apps.runs.stepflow import Routing, nodes_by_id, open_fanin, settle
+from apps.runs.stepflow import Routing, nodes_by_id, open_fanin, scope_entry, settle
 from apps.runs.transitions import transition_run, transition_step
 from apps.runs.writes import write_outputs
 from workers.operators import REGISTRY
@@ -179,10 +179,10 @@ class Heartbeat:
 
 
 def run_operator(claim: Claimed) -> StepResult:
-    events = Event.objects.filter(id__in=claim.step.inputs)
-    by_id = {event.id: event for event in events}
+    by_id = {event.id: event for event in Event.objects.filter(id__in=claim.step.inputs)}
+    collected = claim.node.get("config", {}).get("by") if claim.node["type"] == "collect" else None
     inputs = [
-        InputEvent(str(e.id), e.payload, e.scopes[-1][1] if e.scopes else None)
+        InputEvent(str(e.id), e.payload, item_order(e.scopes, collected))
         for e in (by_id[i] for i in claim.step.inputs)
     ]
     ctx = StepContext(
@@ -195,6 +195,15 @@ def run_operator(claim: Claimed) -> StepResult:
         heartbeat=Heartbeat(claim),
     )
     return REGISTRY[claim.node["type"]].run(ctx, inputs)
+
+
+def item_order(scopes: list[list[Any]], collected_fanout: str | None) -> tuple[int, ...]:
+    """Indexes from the collected fan-out's scope inwards; else the innermost index."""
+    if not scopes:
+        return ()
+    entry = scope_entry(scopes, collected_fanout) if collected_fanout else None
+    start = scopes.index(entry) if entry is not None else len(scopes) - 1
+    return tuple(e[1] for e in scopes[start:])
 
 
 def _lock_own_step(claim: Claimed) -> Step:

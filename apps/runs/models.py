@@ -78,7 +78,8 @@ class Step(TenantModel):
     queue = models.CharField(max_length=32)
     status = models.CharField(max_length=16, choices=StepStatus.choices, default=StepStatus.QUEUED)
     inputs = ArrayField(models.UUIDField(), default=list)
-    # Open fan-outs around this step's input, outermost first: [[fan-out step id, item index]].
+    # Open fan-outs around this step's input, outermost first:
+    # [[fan-out step id, item index, fan-out node id], ...]
     scopes = models.JSONField(default=list)
     # The innermost of them, kept as columns for fan-in accounting and display.
     scope = models.UUIDField(null=True, blank=True)
@@ -135,7 +136,8 @@ class Event(TenantModel):
     key = models.CharField(max_length=200, blank=True)
     payload = models.JSONField()
     event_time = models.DateTimeField()
-    # Open fan-outs this event is inside, outermost first: [[fanout step id, item index], ...]
+    # Open fan-outs this event is inside, outermost first:
+    # [[fan-out step id, item index, fan-out node id], ...]
     scopes = models.JSONField(default=list)
     created_at = models.DateTimeField(auto_now_add=True)
 

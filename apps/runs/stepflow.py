@@ -65,16 +65,22 @@ class Routing:
             for target in downstream(spec, step.node_id, event.port):
                 node = nodes[target]
                 if REGISTRY[node["type"]].is_collect:
-                    self._arrive(event, target)
+                    self._arrive(event, node)
                 else:
                     self.steps.append(new_step(run, node, [event.id], event.scopes))
 
-    def _arrive(self, event: Any, collect_node_id: str) -> None:
-        if not event.scopes:
+    def _arrive(self, event: Any, collect: dict[str, Any]) -> None:
+        entry = scope_entry(event.scopes, collect["config"]["by"])
+        if entry is None:
             raise PermanentError(
-                f"collect '{collect_node_id}' received an event outside any fan-out"
+                f"collect '{collect['id']}' received an event from outside its fan-out"
             )
-        self.arrivals[UUID(event.scopes[-1][0])].append(event.id)
+        self.arrivals[UUID(entry[0])].append(event.id)
+
+
+def scope_entry(scopes: Scopes, fanout_node_id: str) -> list[Any] | None:
+    """The innermost scope opened by the given fan-out node, if the event is inside one."""
+    return next((e for e in reversed(scopes) if e[2] == fanout_node_id), None)
 
 
 def open_fanin(step: Step, run: Run, spec: dict[str, Any], routing: Routing) -> None:
@@ -103,37 +109,51 @@ def settle(step: Step, run: Run, spec: dict[str, Any], routing: Routing) -> list
 
 
 def _move_fanins(step: Step, run: Run, spec: dict[str, Any], routing: Routing) -> list[Step]:
+    """Each scope's `pending` counts units of unsettled work inside it: steps, and inner
+    fan-outs not yet closed. A fan-out step hands its unit to the scope it opens, which
+    gives it back (as its collect step, or by closing) once all its items have settled."""
+    opened = routing.opened_scope
     deltas: dict[UUID, int] = defaultdict(int)
-    if step.scope is not None:
+    if step.scope is not None and opened is None:
         deltas[step.scope] -= 1
     for child in routing.steps:
         if child.scope is not None:
             deltas[child.scope] += 1
-    fired: list[Step] = []
-    touched = set(deltas) | set(routing.arrivals)
-    if routing.opened_scope is not None:
-        # Even with no items at all: an empty fan-out fires its collect at once.
-        touched.add(routing.opened_scope)
-    # The step's new scope (if it is a fan-out) is innermost; its own scope is next.
-    for scope_id in sorted(touched, key=lambda s: s != step.id):
+    # Innermost first (lock order): the opened scope, then the step's scopes inside out.
+    depth = [UUID(entry[0]) for entry in step.scopes] + ([opened] if opened else [])
+    touched = [s for s in reversed(depth) if s in deltas or s in routing.arrivals or s == opened]
+    settled = []
+    # Arrivals first, everywhere, so no collect fires without an item this step delivered.
+    for scope_id in touched:
         fanin = FanIn.objects.select_for_update().get(fanout_step_id=scope_id)
         fanin.pending += deltas.get(scope_id, 0)
         fanin.arrived = [*fanin.arrived, *routing.arrivals.get(scope_id, [])]
-        if fanin.pending == 0 and fanin.collect_node_id and not fanin.fired:
-            fanin.fired = True
-            fired.append(_fire_collect(fanin, run, spec))
-        fanin.save(update_fields=["pending", "arrived", "fired"])
+        fanin.save(update_fields=["pending", "arrived"])
+        if fanin.pending == 0:
+            settled.append(scope_id)
+    fired: list[Step] = []
+    for scope_id in settled:
+        fired += _close(FanIn.objects.select_for_update().get(fanout_step_id=scope_id), run, spec)
     return fired
 
 
-def _fire_collect(fanin: FanIn, run: Run, spec: dict[str, Any]) -> Step:
-    """Every item of the fan-out has settled: the collect step takes all that arrived.
-    It belongs to the fan-out's own (outer) scope, which now has one more step pending."""
-    node = nodes_by_id(spec)[fanin.collect_node_id]
-    collect_step = new_step(run, node, list(fanin.arrived), fanin.parent_scopes)
-    if collect_step.scope is not None:
-        FanIn.objects.filter(fanout_step_id=collect_step.scope).update(pending=F("pending") + 1)
-    return collect_step
+def _close(fanin: FanIn, run: Run, spec: dict[str, Any]) -> list[Step]:
+    """Every item of a fan-out has settled. With a collect, the collect step takes all that
+    arrived and inherits the fan-out's unit in the outer scope; without one, the unit is
+    given back to the outer scope, which may settle in turn."""
+    if fanin.fired:
+        return []
+    fanin.fired = True
+    fanin.save(update_fields=["fired"])
+    if fanin.collect_node_id:
+        node = nodes_by_id(spec)[fanin.collect_node_id]
+        return [new_step(run, node, list(fanin.arrived), fanin.parent_scopes)]
+    if not fanin.parent_scopes:
+        return []
+    parent = FanIn.objects.select_for_update().get(fanout_step_id=UUID(fanin.parent_scopes[-1][0]))
+    parent.pending -= 1
+    parent.save(update_fields=["pending"])
+    return _close(parent, run, spec) if parent.pending == 0 else []
 
 
 def _move_open_steps(run: Run, delta: int) -> None:

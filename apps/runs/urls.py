@@ -1,4 +1,9 @@
 from django.urls import path
 
+from apps.runs import views
+
 app_name = "runs"
-urlpatterns: list[object] = []
+urlpatterns = [
+    path("<uuid:run_id>/", views.run_detail, name="detail"),
+    path("<uuid:run_id>/cancel/", views.cancel, name="cancel"),
+]

@@ -23,7 +23,9 @@ def write_outputs(step: Step, run: Run, result: StepResult, *, opens_scope: bool
             payload=output.payload,
             event_time=now,
             # A fan-out's outputs are the items of a new scope opened by this step.
-            scopes=[*step.scopes, [str(step.id), seq]] if opens_scope else step.scopes,
+            scopes=[*step.scopes, [str(step.id), seq, step.node_id]]
+            if opens_scope
+            else step.scopes,
         )
         for seq, output in enumerate(result.outputs)
     ]

@@ -164,3 +164,120 @@ def test_llm_generate_on_the_simulated_engine_records_usage(world: World, platfo
         assert step.queue == "gpu" and step.tokens_out == words
         usage = step.usage.get()
         assert (usage.engine, usage.tokens_in, usage.tokens_out) == ("simulated", 2, words)
+
+
+def test_collect_waits_for_items_routed_elsewhere_and_fires_on_an_empty_fanout(
+    world: World, platform: object
+) -> None:
+    spec = {
+        "nodes": [
+            {"id": "in", "type": "source.manual"},
+            {"id": "split", "type": "fanout.split", "config": {"field": "items"}},
+            {
+                "id": "route",
+                "type": "route.switch",
+                "config": {"field": "item", "cases": {"true": "keep"}, "default": "drop"},
+            },
+            {"id": "dropped", "type": "sink.table", "config": {"table": "dropped"}},
+            {"id": "gather", "type": "collect", "config": {"by": "split"}},
+            {"id": "store", "type": "sink.table", "config": {"table": "kept"}},
+        ],
+        "edges": [
+            ["in", "split"],
+            ["split", "route"],
+            ["route", "gather", "keep"],
+            ["route", "dropped", "drop"],
+            ["gather", "store"],
+        ],
+    }
+    graph = world.graph("routed-fanin", spec)
+    with tenant_context(world.acme):
+        mixed = start_run(
+            version=graph.live_version(),
+            payload={"items": [True, False, True, False, False]},
+            actor=world.owner,
+        )
+        empty = start_run(version=graph.live_version(), payload={"items": []}, actor=world.owner)
+    for run in (mixed, empty):
+        assert wait_for_run(run).status == RunStatus.SUCCEEDED
+    with tenant_context(world.acme):
+        kept = ResultRow.objects.get(run=mixed, table="kept").data
+        assert [item["index"] for item in kept["items"]] == [0, 2]
+        assert ResultRow.objects.filter(run=mixed, table="dropped").count() == 3
+        assert ResultRow.objects.get(run=empty, table="kept").data == {"items": [], "count": 0}
+
+
+def test_nested_fanouts_collect_inner_then_outer(world: World, platform: object) -> None:
+    spec = {
+        "nodes": [
+            {"id": "in", "type": "source.manual"},
+            {"id": "rows", "type": "fanout.split", "config": {"field": "grid"}},
+            {"id": "cells", "type": "fanout.split", "config": {"field": "item"}},
+            {
+                "id": "double",
+                "type": "transform.template",
+                "config": {"template": "{{ item * 2 }}", "output": "v"},
+            },
+            {"id": "row", "type": "collect", "config": {"by": "cells"}},
+            {
+                "id": "sum",
+                "type": "transform.template",
+                "config": {"template": "{{ items | map(attribute='v') | join('+') }}", "output": "s"},
+            },
+            {"id": "grid", "type": "collect", "config": {"by": "rows"}},
+            {"id": "store", "type": "sink.table", "config": {"table": "grids"}},
+        ],
+        "edges": [
+            ["in", "rows"],
+            ["rows", "cells"],
+            ["cells", "double"],
+            ["double", "row"],
+            ["row", "sum"],
+            ["sum", "grid"],
+            ["grid", "store"],
+        ],
+    }
+    graph = world.graph("nested", spec)
+    with tenant_context(world.acme):
+        run = start_run(
+            version=graph.live_version(), payload={"grid": [[1, 2], [], [3, 4, 5]]}, actor=world.owner
+        )
+    assert wait_for_run(run).status == RunStatus.SUCCEEDED
+    with tenant_context(world.acme):
+        grid = ResultRow.objects.get(run=run).data
+        assert [row["s"] for row in grid["items"]] == ["2+4", "", "6+8+10"]
+
+
+def test_an_outer_collect_waits_for_an_uncollected_inner_fanout(
+    world: World, platform: object
+) -> None:
+    spec = {
+        "nodes": [
+            {"id": "in", "type": "source.manual"},
+            {"id": "rows", "type": "fanout.split", "config": {"field": "grid"}},
+            {"id": "cells", "type": "fanout.split", "config": {"field": "item"}},
+            {
+                "id": "double",
+                "type": "transform.template",
+                "config": {"template": "{{ item * 2 }}", "output": "v"},
+            },
+            {"id": "all", "type": "collect", "config": {"by": "rows"}},
+            {"id": "store", "type": "sink.table", "config": {"table": "flat"}},
+        ],
+        "edges": [
+            ["in", "rows"],
+            ["rows", "cells"],
+            ["cells", "double"],
+            ["double", "all"],
+            ["all", "store"],
+        ],
+    }
+    graph = world.graph("flatten", spec)
+    with tenant_context(world.acme):
+        run = start_run(
+            version=graph.live_version(), payload={"grid": [[1, 2], [], [3]]}, actor=world.owner
+        )
+    assert wait_for_run(run).status == RunStatus.SUCCEEDED
+    with tenant_context(world.acme):
+        flat = ResultRow.objects.get(run=run).data
+        assert [cell["v"] for cell in flat["items"]] == ["2", "4", "6"]  # row order, then cell

@@ -27,7 +27,8 @@ class LeaseLost(Exception):
 class InputEvent:
     id: str
     payload: JSON
-    item_index: int | None
+    # Item indexes from the fan-out that matters to this step inwards: a collect sorts by it.
+    order: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

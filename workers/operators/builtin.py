@@ -167,7 +167,7 @@ class Collect(Operator):
         return []
 
     def run(self, ctx: StepContext, inputs: list[InputEvent]) -> StepResult:
-        ordered = sorted(inputs, key=lambda event: (event.item_index is None, event.item_index))
+        ordered = sorted(inputs, key=lambda event: event.order)
         items = [event.payload for event in ordered]
         return StepResult(outputs=[Output({"items": items, "count": len(items)})])
 
