@@ -12,22 +12,26 @@ from apps.tenants.models import Tenant
 logger = logging.getLogger(__name__)
 
 # Fast path (DESIGN step 4): a worker runs a downstream step on its own queue right away
-# instead of waiting for the broker; the step's message still goes out and finds it taken.
+# instead of waiting for the broker, at most this many in a row.
 MAX_INLINE_STEPS = 50
 
 
 @shared_task(bind=True, name="sluice.execute_step", acks_late=True, ignore_result=True)
 def execute_step(self: Task, tenant_id: int, step_id: str) -> None:
-    tenant = Tenant.objects.get(id=tenant_id)
+    tenant = Tenant.objects.filter(id=tenant_id).first()
+    if tenant is None:
+        logger.warning("step %s: tenant %s no longer exists; message dropped", step_id, tenant_id)
+        return
     worker = self.request.hostname or "unknown"
     own_queue = (self.request.delivery_info or {}).get("routing_key")
     with tenant_context(tenant):
-        next_id: UUID | None = UUID(step_id)
-        for _ in range(MAX_INLINE_STEPS):
-            if next_id is None:
+        claim = execution.execute(UUID(step_id), worker, inline_queue=own_queue)
+        for chained in range(1, MAX_INLINE_STEPS + 1):
+            if claim is None:
                 break
-            created = execution.execute(next_id, worker)
-            next_id = next((m.step_id for m in created if m.queue == own_queue), None)
+            # The last inline step claims nothing further: others get a turn on this slot.
+            next_queue = own_queue if chained < MAX_INLINE_STEPS else None
+            claim = execution.run_claimed(claim, inline_queue=next_queue)
 
 
 @shared_task(name="sluice.sweep", ignore_result=True)

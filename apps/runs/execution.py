@@ -12,7 +12,6 @@ from uuid import UUID, uuid4
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from apps.graphs.validation import node_backoff_s, spec_max_fanout
@@ -64,31 +63,35 @@ def lease_until() -> Any:
     return timezone.now() + timedelta(seconds=settings.SLUICE_STEP_LEASE_S)
 
 
-def execute(step_id: UUID, worker: str) -> list[StepMessage]:
-    """Claim, run and commit one step. Returns the messages of the steps it created."""
+def execute(step_id: UUID, worker: str, *, inline_queue: str | None) -> "Claimed | None":
+    """Claim, run and commit one step. With inline_queue, the commit may also claim one
+    new downstream step on that queue for this worker; it is returned to be run next."""
     claim = claim_step(step_id, worker)
     if isinstance(claim, Overdue):
         expire(claim.run)
-        return []
+        return None
     if claim is None:
-        return []
+        return None
+    return run_claimed(claim, inline_queue=inline_queue)
+
+
+def run_claimed(claim: "Claimed", *, inline_queue: str | None) -> "Claimed | None":
+    step_id = claim.step.id
     try:
         result = run_operator(claim)
-        return commit_step(claim, result)
+        return commit_step(claim, result, inline_queue=inline_queue)
     except StepCancelled as exc:
         if isinstance(exc, DeadlinePassed):
             expire(claim.run)  # first, so the run ends failed rather than succeeded
         end_running_step(claim, StepStatus.SKIPPED, skip_reason=f"{exc} while running")
     except LeaseLost:
-        logger.warning(
-            "step %s: lease lost to another worker; this attempt's results are dropped", step_id
-        )
+        logger.warning("step %s: lease lost to another worker; its results are dropped", step_id)
     except PermanentError as exc:
         fail_attempt(claim, str(exc), permanent=True)
     except Exception as exc:
         logger.exception("step %s (%s) failed", step_id, claim.node["id"])
         fail_attempt(claim, f"{type(exc).__name__}: {exc}", permanent=False)
-    return []
+    return None
 
 
 class DeadlinePassed(StepCancelled):
@@ -119,22 +122,21 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
         if run.deadline is not None and run.deadline <= now:
             return Overdue(run)
         token = uuid4()
-        claimed = transition_step(
-            step.id,
-            from_=(step.status,),
-            to=StepStatus.RUNNING,
-            attempt=F("attempt") + 1,
-            lease_until=lease_until(),
-            lease_token=token,
-            worker=worker,
-            started_at=now,
-            not_before=None,
-        )
-        if not claimed:
+        # The row is locked, so its attempt count cannot move under us.
+        changes = {
+            "attempt": step.attempt + 1,
+            "lease_until": lease_until(),
+            "lease_token": token,
+            "worker": worker,
+            "started_at": now,
+            "not_before": None,
+        }
+        if not transition_step(step.id, from_=(step.status,), to=StepStatus.RUNNING, **changes):
             return None
+        for field, value in {**changes, "status": StepStatus.RUNNING}.items():
+            setattr(step, field, value)
         if run.status == RunStatus.QUEUED:
             transition_run(run.id, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING, started_at=now)
-        step.refresh_from_db()
     node = nodes_by_id(run.graph_version.spec)[step.node_id]
     return Claimed(step, run, node, token, time.monotonic())
 
@@ -213,21 +215,26 @@ def _lock_own_step(claim: Claimed) -> Step:
     return step
 
 
-def commit_step(claim: Claimed, result: StepResult) -> list[StepMessage]:
+def commit_step(
+    claim: Claimed, result: StepResult, *, inline_queue: str | None = None
+) -> Claimed | None:
+    """One transaction: outputs, downstream steps, fan-in and run counters, and `done`.
+    Returns the downstream step it claimed for this worker to run next, if any."""
     operator = REGISTRY[claim.node["type"]]
     with transaction.atomic():
         step = _lock_own_step(claim)
-        run = Run.objects.select_related("graph_version").get(id=step.run_id)
+        run = claim.run
+        run.status = Run.objects.filter(id=run.id).values_list("status", flat=True).get()
         if not run.is_active:
-            _end(
-                step, run, claim, StepStatus.SKIPPED, skip_reason=f"run {run.status} while running"
-            )
-            return []
+            skip_reason = f"run {run.status} while running"
+            _end(step, run, claim, StepStatus.SKIPPED, skip_reason=skip_reason)
+            return None
         events = write_outputs(step, run, result, opens_scope=operator.opens_scope)
         routing = Routing()
         if operator.opens_scope:
             open_fanin(step, run, claim.spec, routing)
         routing.route(step, run, claim.spec, events)
+        inline = _claim_inline(routing, run, step.worker, inline_queue)
         usage = result.usage
         messages = _end(
             step,
@@ -239,8 +246,25 @@ def commit_step(claim: Claimed, result: StepResult) -> list[StepMessage]:
             tokens_out=usage.tokens_out if usage else 0,
             cost_usd=usage.cost_usd if usage else 0,
         )
-        send_on_commit(messages)
-    return messages
+        # The inline step needs no message: if this worker dies before finishing it, its
+        # lease expires and the sweeper sends one.
+        send_on_commit([m for m in messages if inline is None or m.step_id != inline.step.id])
+    return inline
+
+
+def _claim_inline(routing: Routing, run: Run, worker: str, queue: str | None) -> Claimed | None:
+    """DESIGN "A step's life" step 4, the fast path: a new step on this worker's own queue
+    is created already leased to this worker, skipping a broker round trip and a claim."""
+    if queue is None or (run.deadline is not None and run.deadline <= timezone.now()):
+        return None
+    step = next((s for s in routing.steps if s.queue == queue), None)
+    if step is None:
+        return None
+    token = uuid4()
+    step.status, step.attempt, step.worker = StepStatus.RUNNING, 1, worker
+    step.lease_until, step.lease_token, step.started_at = lease_until(), token, timezone.now()
+    node = nodes_by_id(run.graph_version.spec)[step.node_id]
+    return Claimed(step, run, node, token, time.monotonic())
 
 
 def _end(

@@ -157,6 +157,8 @@ def _close(fanin: FanIn, run: Run, spec: dict[str, Any]) -> list[Step]:
 
 
 def _move_open_steps(run: Run, delta: int) -> None:
+    if delta == 0:
+        return  # one step ended and one began: the count cannot have reached zero
     Run.objects.filter(id=run.id).update(open_steps=F("open_steps") + delta)
     open_steps, status = Run.objects.filter(id=run.id).values_list("open_steps", "status").get()
     if open_steps == 0 and status in (RunStatus.QUEUED, RunStatus.RUNNING):

@@ -1,0 +1,16 @@
+"""The baseline: a bare Celery task that hands itself on N times through the broker, the
+cost a durable step must compete with (DESIGN "A step's life", step 4)."""
+
+import time
+
+import redis
+from celery import shared_task
+from django.conf import settings
+
+
+@shared_task(name="bench.hop", ignore_result=True, acks_late=True)
+def hop(remaining: int, key: str) -> None:
+    if remaining > 0:
+        hop.apply_async(args=(remaining - 1, key), queue="cpu")
+        return
+    redis.Redis.from_url(settings.REDIS_URL).set(key, repr(time.time()))

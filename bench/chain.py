@@ -1,0 +1,106 @@
+"""Durable step latency: a chain of N template steps through Sluice (claim with a lease,
+commit outputs + downstream step in one transaction, fast path on the same worker)
+against N bare Celery hops, interleaved in the same invocation; and a fan-out of M items
+through a template and a collect.
+
+    python -m bench chain [--quick]
+"""
+
+import json
+import statistics
+import time
+import uuid
+from typing import Any
+
+from bench.stack import services, worker
+
+
+def chain_spec(length: int) -> dict[str, Any]:
+    nodes: list[dict[str, Any]] = [{"id": "in", "type": "source.manual"}]
+    edges = []
+    for i in range(length):
+        nodes.append(
+            {"id": f"t{i}", "type": "transform.template", "config": {"template": "{{ n + 1 }}"}}
+        )
+        edges.append([nodes[-2]["id"], nodes[-1]["id"]])
+    return {"nodes": nodes, "edges": edges}
+
+
+FANOUT_SPEC = {
+    "nodes": [
+        {"id": "in", "type": "source.manual"},
+        {"id": "split", "type": "fanout.split", "config": {"field": "items", "max_items": 100000}},
+        {"id": "t", "type": "transform.template", "config": {"template": "{{ item }}"}},
+        {"id": "gather", "type": "collect", "config": {"by": "split"}},
+    ],
+    "edges": [["in", "split"], ["split", "t"], ["t", "gather"]],
+    "policies": {"max_fanout": 100000},
+}
+
+
+def run_seconds(version: Any, payload: dict[str, Any], actor: str) -> float:
+    from apps.runs.models import RunStatus
+    from apps.runs.services import start_run
+
+    run = start_run(version=version, payload=payload, actor=actor)
+    while True:
+        run.refresh_from_db()
+        if not run.is_active:
+            break
+        time.sleep(0.01)
+    if run.status != RunStatus.SUCCEEDED:
+        raise RuntimeError(f"bench run ended {run.status}: {run.error}")
+    return (run.finished_at - run.created_at).total_seconds()
+
+
+def celery_chain_seconds(length: int) -> float:
+    import redis
+    from django.conf import settings
+
+    from bench.baseline_tasks import hop
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    key = f"bench:{uuid.uuid4()}"
+    started = time.time()
+    hop.apply_async(args=(length - 1, key), queue="cpu")
+    while (done := client.get(key)) is None:
+        time.sleep(0.005)
+    return float(done) - started
+
+
+def main(*, quick: bool) -> int:
+    length, rounds, items = (20, 5, 200) if quick else (50, 10, 2000)
+    with services("chain") as root, worker(root, "cpu", ["cpu"], ["--include", "bench.baseline_tasks"]):
+        from apps.graphs.services import create_graph
+        from apps.tenants.context import tenant_context
+        from apps.tenants.services import create_tenant
+
+        tenant = create_tenant(slug="bench", name="Bench", actor="bench")
+        with tenant_context(tenant):
+            chain = create_graph(slug="chain", name="Chain", spec=chain_spec(length), actor="bench")
+            fanout = create_graph(slug="fanout", name="Fan-out", spec=FANOUT_SPEC, actor="bench")
+            sluice_ms, celery_ms = [], []
+            run_seconds(chain.live_version(), {"n": 0}, "bench")  # warm-up
+            celery_chain_seconds(length)
+            for _ in range(rounds):  # interleaved: the machine's noise hits both alike
+                sluice_ms.append(run_seconds(chain.live_version(), {"n": 0}, "bench") * 1000 / length)
+                celery_ms.append(celery_chain_seconds(length) * 1000 / length)
+            fan_s = run_seconds(fanout.live_version(), {"items": list(range(items))}, "bench")
+    result = {
+        "bench": "chain",
+        "chain_length": length,
+        "rounds": rounds,
+        "sluice_step_ms_p50": round(statistics.median(sluice_ms), 3),
+        "celery_hop_ms_p50": round(statistics.median(celery_ms), 3),
+        "sluice_step_ms_max": round(max(sluice_ms), 3),
+        "celery_hop_ms_max": round(max(celery_ms), 3),
+        "ratio_p50": round(statistics.median(sluice_ms) / statistics.median(celery_ms), 3),
+        "fanout_items": items,
+        "fanout_items_per_s": round(items / fan_s, 1),
+    }
+    print(f"{'':24}{'sluice step':>14}{'celery hop':>14}")
+    print(f"{'p50 ms per step':24}{result['sluice_step_ms_p50']:>14}{result['celery_hop_ms_p50']:>14}")
+    print(f"{'max ms per step':24}{result['sluice_step_ms_max']:>14}{result['celery_hop_ms_max']:>14}")
+    print(f"fan-out of {items} items through template + collect: {result['fanout_items_per_s']} items/s")
+    print("RESULT " + json.dumps(result))
+    return 0
