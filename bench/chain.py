@@ -48,7 +48,7 @@ def run_seconds(version: Any, payload: dict[str, Any], actor: str) -> float:
         if not run.is_active:
             break
         time.sleep(0.01)
-    if run.status != RunStatus.SUCCEEDED:
+    if run.status != RunStatus.SUCCEEDED or run.finished_at is None:
         raise RuntimeError(f"bench run ended {run.status}: {run.error}")
     return (run.finished_at - run.created_at).total_seconds()
 
@@ -70,7 +70,10 @@ def celery_chain_seconds(length: int) -> float:
 
 def main(*, quick: bool) -> int:
     length, rounds, items = (20, 5, 200) if quick else (50, 10, 2000)
-    with services("chain") as root, worker(root, "cpu", ["cpu"], ["--include", "bench.baseline_tasks"]):
+    with (
+        services("chain") as root,
+        worker(root, "cpu", ["cpu"], ["--include", "bench.baseline_tasks"]),
+    ):
         from apps.graphs.services import create_graph
         from apps.tenants.context import tenant_context
         from apps.tenants.services import create_tenant
@@ -83,7 +86,9 @@ def main(*, quick: bool) -> int:
             run_seconds(chain.live_version(), {"n": 0}, "bench")  # warm-up
             celery_chain_seconds(length)
             for _ in range(rounds):  # interleaved: the machine's noise hits both alike
-                sluice_ms.append(run_seconds(chain.live_version(), {"n": 0}, "bench") * 1000 / length)
+                sluice_ms.append(
+                    run_seconds(chain.live_version(), {"n": 0}, "bench") * 1000 / length
+                )
                 celery_ms.append(celery_chain_seconds(length) * 1000 / length)
             fan_s = run_seconds(fanout.live_version(), {"items": list(range(items))}, "bench")
     result = {
@@ -99,8 +104,14 @@ def main(*, quick: bool) -> int:
         "fanout_items_per_s": round(items / fan_s, 1),
     }
     print(f"{'':24}{'sluice step':>14}{'celery hop':>14}")
-    print(f"{'p50 ms per step':24}{result['sluice_step_ms_p50']:>14}{result['celery_hop_ms_p50']:>14}")
-    print(f"{'max ms per step':24}{result['sluice_step_ms_max']:>14}{result['celery_hop_ms_max']:>14}")
-    print(f"fan-out of {items} items through template + collect: {result['fanout_items_per_s']} items/s")
+    print(
+        f"{'p50 ms per step':24}{result['sluice_step_ms_p50']:>14}{result['celery_hop_ms_p50']:>14}"
+    )
+    print(
+        f"{'max ms per step':24}{result['sluice_step_ms_max']:>14}{result['celery_hop_ms_max']:>14}"
+    )
+    print(
+        f"fan-out of {items} items through template + collect: {result['fanout_items_per_s']} items/s"
+    )
     print("RESULT " + json.dumps(result))
     return 0
