@@ -89,18 +89,33 @@ def release_expired_lease(step_id: object) -> int:
 
 
 def _lost_messages() -> int:
-    """Queued steps nobody picked up for a while get a fresh message; a duplicate is harmless
-    because claiming is conditional."""
+    """Queued steps nobody picked up for a while get a fresh message, but only from queues
+    the broker says are drained: a step behind a long backlog is waiting, not lost. A
+    duplicate message is harmless anyway, because claiming is conditional."""
     now = timezone.now()
     stale = Step.unscoped_all_tenants.filter(
         status__in=CLAIMABLE_STEP_STATUSES,
         enqueued_at__lt=now - timedelta(seconds=settings.SLUICE_REQUEUE_AFTER_S),
     ).exclude(not_before__gt=now)
-    resent = list(stale.values_list("tenant_id", "id", "queue")[:BATCH])
+    candidates = list(stale.values_list("tenant_id", "id", "queue")[:BATCH])
+    drained = {queue for queue in {c[2] for c in candidates} if broker_queue_depth(queue) == 0}
+    resent = [c for c in candidates if c[2] in drained]
     for tenant_id, step_id, queue in resent:
         send_now(StepMessage(tenant_id, step_id, queue))
     Step.unscoped_all_tenants.filter(id__in=[r[1] for r in resent]).update(enqueued_at=now)
     return len(resent)
+
+
+def broker_queue_depth(queue: str) -> int:
+    """Messages waiting in the broker's queue (not counting those workers hold)."""
+    from sluice.celery import app
+
+    with app.connection_for_read() as connection:
+        try:
+            declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+        except connection.channel_errors:
+            return 0  # Redis keeps no key for an empty queue: "not found" means drained
+        return int(declared.message_count)
 
 
 def _overdue_runs() -> int:
