@@ -4,6 +4,7 @@ message went missing, and runs past their deadline."""
 
 import logging
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -112,7 +113,8 @@ def broker_queue_depth(queue: str) -> int:
 
     with app.connection_for_read() as connection:
         try:
-            declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+            channel: Any = connection.default_channel
+            declared = channel.queue_declare(queue=queue, passive=True)
         except connection.channel_errors:
             return 0  # Redis keeps no key for an empty queue: "not found" means drained
         return int(declared.message_count)

@@ -154,7 +154,7 @@ def run_detail(request: HttpRequest, run_id: UUID) -> HttpResponse:
         "duration": run_duration(run),
         "input_json": _preview(run.input, INPUT_PREVIEW_CHARS),
         "steps_page": steps_page,
-        "step_counts": steps.values_list("status").annotate(n=Count("id")).order_by("status"),
+        "step_counts": list(steps.values_list("status").annotate(n=Count("id")).order_by("status")),
         "step_rows": _step_rows(list(steps_page.object_list)),
         "tables": _result_tables(run),
         "usage": _usage(run),

@@ -150,9 +150,7 @@ def test_llm_generate_on_the_simulated_engine_records_usage(world: World, platfo
     graph = world.graph("gen", spec)
     with tenant_context(world.acme):
         first = start_run(version=graph.live_version(), payload={"word": "hi"}, actor=world.owner)
-        second = start_run(
-            version=graph.live_version(), payload={"word": "hi"}, actor=world.owner
-        )
+        second = start_run(version=graph.live_version(), payload={"word": "hi"}, actor=world.owner)
     for run in (first, second):
         assert wait_for_run(run).status == RunStatus.SUCCEEDED
     with tenant_context(world.acme):
@@ -222,7 +220,10 @@ def test_nested_fanouts_collect_inner_then_outer(world: World, platform: object)
             {
                 "id": "sum",
                 "type": "transform.template",
-                "config": {"template": "{{ items | map(attribute='v') | join('+') }}", "output": "s"},
+                "config": {
+                    "template": "{{ items | map(attribute='v') | join('+') }}",
+                    "output": "s",
+                },
             },
             {"id": "grid", "type": "collect", "config": {"by": "rows"}},
             {"id": "store", "type": "sink.table", "config": {"table": "grids"}},
@@ -240,7 +241,9 @@ def test_nested_fanouts_collect_inner_then_outer(world: World, platform: object)
     graph = world.graph("nested", spec)
     with tenant_context(world.acme):
         run = start_run(
-            version=graph.live_version(), payload={"grid": [[1, 2], [], [3, 4, 5]]}, actor=world.owner
+            version=graph.live_version(),
+            payload={"grid": [[1, 2], [], [3, 4, 5]]},
+            actor=world.owner,
         )
     assert wait_for_run(run).status == RunStatus.SUCCEEDED
     with tenant_context(world.acme):
