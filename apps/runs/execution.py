@@ -24,6 +24,7 @@ from apps.runs.models import (
     Step,
     StepStatus,
 )
+from apps.runs.services import stop_run
 from apps.runs.stepflow import Routing, nodes_by_id, open_fanin, scope_entry, settle
 from apps.runs.transitions import transition_run, transition_step
 from apps.runs.writes import write_outputs
@@ -63,7 +64,7 @@ def lease_until() -> Any:
     return timezone.now() + timedelta(seconds=settings.SLUICE_STEP_LEASE_S)
 
 
-def execute(step_id: UUID, worker: str, *, inline_queue: str | None) -> "Claimed | None":
+def execute(step_id: UUID, worker: str, *, inline_queue: str | None) -> Claimed | None:
     """Claim, run and commit one step. With inline_queue, the commit may also claim one
     new downstream step on that queue for this worker; it is returned to be run next."""
     claim = claim_step(step_id, worker)
@@ -75,7 +76,7 @@ def execute(step_id: UUID, worker: str, *, inline_queue: str | None) -> "Claimed
     return run_claimed(claim, inline_queue=inline_queue)
 
 
-def run_claimed(claim: "Claimed", *, inline_queue: str | None) -> "Claimed | None":
+def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
     step_id = claim.step.id
     try:
         result = run_operator(claim)
@@ -99,8 +100,6 @@ class DeadlinePassed(StepCancelled):
 
 
 def expire(run: Run) -> None:
-    from apps.runs.services import stop_run  # services import this module's neighbours
-
     stop_run(run, to=RunStatus.FAILED, reason="deadline passed", actor=None)
 
 

@@ -19,6 +19,7 @@ from apps.runs.models import (
     Step,
     StepStatus,
 )
+from apps.runs.services import stop_run
 from apps.runs.stepflow import Routing, settle
 from apps.runs.transitions import transition_step
 from apps.tenants.context import tenant_context
@@ -121,8 +122,6 @@ def broker_queue_depth(queue: str) -> int:
 
 
 def _overdue_runs() -> int:
-    from apps.runs.services import stop_run
-
     overdue = Run.unscoped_all_tenants.select_related("tenant").filter(
         status__in=ACTIVE_RUN_STATUSES, deadline__lt=timezone.now()
     )[:BATCH]
