@@ -104,6 +104,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery's Django fixup closes the database connection after every task unless told to
+# reuse it; reconnecting cost more than a whole durable step (bench/chain). Reused for
+# this many tasks (times two), then recycled; a broken connection is still replaced.
+CELERY_DB_REUSE_MAX = env_int("SLUICE_WORKER_DB_REUSE_MAX", 500, minimum=0)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # Execution: how long a claimed step is leased before the sweeper may hand it to another

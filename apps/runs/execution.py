@@ -12,6 +12,7 @@ from uuid import UUID, uuid4
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from apps.graphs.validation import node_backoff_s, spec_max_fanout
@@ -52,7 +53,7 @@ class Claimed:
 
     @property
     def spec(self) -> dict[str, Any]:
-        return self.run.graph_version.spec
+        return self.run.spec
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
         now = timezone.now()
         if step is None or (step.not_before is not None and step.not_before > now):
             return None  # done, leased, or a retry not yet due (its own message will come)
-        run = Run.objects.select_related("graph_version").get(id=step.run_id)
+        run = Run.objects.defer("input").get(id=step.run_id)
         if not run.is_active:
             _skip(step, run, f"run {run.status}")
             return None
@@ -136,7 +137,7 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
             setattr(step, field, value)
         if run.status == RunStatus.QUEUED:
             transition_run(run.id, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING, started_at=now)
-    node = nodes_by_id(run.graph_version.spec)[step.node_id]
+    node = nodes_by_id(run.spec)[step.node_id]
     return Claimed(step, run, node, token, time.monotonic())
 
 
@@ -148,7 +149,7 @@ def _skip(step: Step, run: Run, reason: str) -> None:
         skip_reason=reason,
         finished_at=timezone.now(),
     )
-    settle(step, run, run.graph_version.spec, Routing())
+    settle(step, run, run.spec, Routing())
 
 
 class Heartbeat:
@@ -208,9 +209,16 @@ def item_order(scopes: list[list[Any]], collected_fanout: str | None) -> tuple[i
 
 
 def _lock_own_step(claim: Claimed) -> Step:
-    step = Step.objects.select_for_update().get(id=claim.step.id)
+    """Locks the step, proves this worker still holds its lease, and refreshes the run's
+    status (one query: the commit path is hot)."""
+    step = (
+        Step.objects.select_for_update(of=("self",))
+        .annotate(run_status=F("run__status"))
+        .get(id=claim.step.id)
+    )
     if step.status != StepStatus.RUNNING or step.lease_token != claim.token:
         raise LeaseLost(str(step.id))
+    claim.run.status = step.run_status
     return step
 
 
@@ -223,7 +231,6 @@ def commit_step(
     with transaction.atomic():
         step = _lock_own_step(claim)
         run = claim.run
-        run.status = Run.objects.filter(id=run.id).values_list("status", flat=True).get()
         if not run.is_active:
             skip_reason = f"run {run.status} while running"
             _end(step, run, claim, StepStatus.SKIPPED, skip_reason=skip_reason)
@@ -262,7 +269,7 @@ def _claim_inline(routing: Routing, run: Run, worker: str, queue: str | None) ->
     token = uuid4()
     step.status, step.attempt, step.worker = StepStatus.RUNNING, 1, worker
     step.lease_until, step.lease_token, step.started_at = lease_until(), token, timezone.now()
-    node = nodes_by_id(run.graph_version.spec)[step.node_id]
+    node = nodes_by_id(run.spec)[step.node_id]
     return Claimed(step, run, node, token, time.monotonic())
 
 
@@ -289,8 +296,7 @@ def end_running_step(claim: Claimed, to: str, **fields: Any) -> None:
     try:
         with transaction.atomic():
             step = _lock_own_step(claim)
-            run = Run.objects.select_related("graph_version").get(id=step.run_id)
-            send_on_commit(_end(step, run, claim, to, **fields))
+            send_on_commit(_end(step, claim.run, claim, to, **fields))
     except LeaseLost:
         logger.warning("step %s: lease lost before it could be closed", claim.step.id)
 

@@ -1,10 +1,12 @@
 import uuid
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
+from apps.graphs.access import version_spec
 from apps.graphs.models import GraphVersion
 from apps.tenants.models import TenantModel
 
@@ -55,6 +57,10 @@ class Run(TenantModel):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_RUN_STATUSES
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return version_spec(self.graph_version_id)
 
 
 class StepStatus(models.TextChoices):

@@ -9,7 +9,7 @@ from collections import defaultdict
 from typing import Any
 from uuid import UUID
 
-from django.db.models import F
+from django.db import connection
 from django.utils import timezone
 
 from apps.graphs.validation import downstream, node_max_attempts, node_queue
@@ -159,8 +159,14 @@ def _close(fanin: FanIn, run: Run, spec: dict[str, Any]) -> list[Step]:
 def _move_open_steps(run: Run, delta: int) -> None:
     if delta == 0:
         return  # one step ended and one began: the count cannot have reached zero
-    Run.objects.filter(id=run.id).update(open_steps=F("open_steps") + delta)
-    open_steps, status = Run.objects.filter(id=run.id).values_list("open_steps", "status").get()
+    with connection.cursor() as cursor:
+        # One round trip on the run's hot row: move the count and read where it landed.
+        cursor.execute(
+            "UPDATE runs_run SET open_steps = open_steps + %s"
+            " WHERE id = %s AND tenant_id = %s RETURNING open_steps, status",
+            [delta, run.id, run.tenant_id],
+        )
+        open_steps, status = cursor.fetchone()
     if open_steps == 0 and status in (RunStatus.QUEUED, RunStatus.RUNNING):
         finish_run(run, from_status=status)
 

@@ -60,7 +60,7 @@ def release_expired_lease(step_id: object) -> int:
         )
         if step is None:
             return 0
-        run = Run.objects.select_related("graph_version").get(id=step.run_id)
+        run = Run.objects.defer("input").get(id=step.run_id)
         lost = (
             f"attempt {step.attempt}/{step.max_attempts}: worker {step.worker} lost (lease expired)"
         )
@@ -74,7 +74,7 @@ def release_expired_lease(step_id: object) -> int:
                 lease_until=None,
                 finished_at=timezone.now(),
             )
-            settle(step, run, run.graph_version.spec, Routing())
+            settle(step, run, run.spec, Routing())
             return 1
         transition_step(
             step.id,
