@@ -14,3 +14,17 @@ def hop(remaining: int, key: str) -> None:
         hop.apply_async(args=(remaining - 1, key), queue="cpu")
         return
     redis.Redis.from_url(settings.REDIS_URL).set(key, repr(time.time()))
+
+
+@shared_task(name="bench.fan_out", ignore_result=True, acks_late=True)
+def fan_out(items: int, key: str) -> None:
+    """One task sends `items` tasks, as a fan-out step sends its items' messages."""
+    for _ in range(items):
+        fan_item.apply_async(args=(key,), queue="cpu")
+
+
+@shared_task(name="bench.fan_item", ignore_result=True, acks_late=True)
+def fan_item(key: str) -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.incr(key)
+    client.set(f"{key}:at", repr(time.time()))

@@ -1,7 +1,7 @@
 """Durable step latency: a chain of N template steps through Sluice (claim with a lease,
 commit outputs + downstream step in one transaction, fast path on the same worker)
 against N bare Celery hops, interleaved in the same invocation; and a fan-out of M items
-through a template and a collect.
+through a template and a collect against M bare Celery tasks sent by one task.
 
     python -m bench chain [--quick]
 """
@@ -68,6 +68,21 @@ def celery_chain_seconds(length: int) -> float:
     return float(done) - started
 
 
+def celery_fanout_seconds(items: int) -> float:
+    import redis
+    from django.conf import settings
+
+    from bench.baseline_tasks import fan_out
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    key = f"bench:{uuid.uuid4()}"
+    started = time.time()
+    fan_out.apply_async(args=(items, key), queue="cpu")
+    while int(client.get(key) or 0) < items:
+        time.sleep(0.01)
+    return float(client.get(f"{key}:at") or 0) - started
+
+
 def main(*, quick: bool) -> int:
     length, rounds, items = (20, 5, 200) if quick else (50, 10, 2000)
     with (
@@ -91,6 +106,7 @@ def main(*, quick: bool) -> int:
                 )
                 celery_ms.append(celery_chain_seconds(length) * 1000 / length)
             fan_s = run_seconds(fanout.live_version(), {"items": list(range(items))}, "bench")
+            celery_fan_s = celery_fanout_seconds(items)
     result = {
         "bench": "chain",
         "chain_length": length,
@@ -102,6 +118,7 @@ def main(*, quick: bool) -> int:
         "ratio_p50": round(statistics.median(sluice_ms) / statistics.median(celery_ms), 3),
         "fanout_items": items,
         "fanout_items_per_s": round(items / fan_s, 1),
+        "celery_fanout_items_per_s": round(items / celery_fan_s, 1),
     }
     print(f"{'':24}{'sluice step':>14}{'celery hop':>14}")
     print(
@@ -110,7 +127,9 @@ def main(*, quick: bool) -> int:
     print(
         f"{'max ms per step':24}{result['sluice_step_ms_max']:>14}{result['celery_hop_ms_max']:>14}"
     )
-    rate = result["fanout_items_per_s"]
-    print(f"fan-out of {items} items through template + collect: {rate} items/s")
+    print(
+        f"fan-out of {items} items: sluice (template + collect) {result['fanout_items_per_s']}"
+        f" items/s, bare celery tasks {result['celery_fanout_items_per_s']} items/s"
+    )
     print("RESULT " + json.dumps(result))
     return 0
