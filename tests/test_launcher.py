@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from sluice import embedded, embedded_paths
@@ -125,37 +126,55 @@ def _force_cleanup(launcher: subprocess.Popen[bytes], var_dir: Path) -> None:
     embedded.stop_postgres(embedded_paths.postgres_data_dir(var_dir))
 
 
-@pytest.mark.timeout(START_TIMEOUT_S + STOP_TIMEOUT_S + 60)
-def test_launcher_serves_and_ctrl_c_leaves_nothing_running() -> None:
+@pytest.mark.timeout(2 * (START_TIMEOUT_S + STOP_TIMEOUT_S) + 60)
+def test_launcher_serves_ctrl_c_leaves_nothing_running_and_a_restart_keeps_the_data() -> None:
     var_dir = embedded_paths.BASE_DIR / "var" / f"test-launcher-{secrets.token_hex(4)}"
     var_dir.mkdir(parents=True)
-    output = var_dir / "launcher-output.txt"
-    env = _launcher_env(var_dir)
     try:
-        with output.open("wb") as out:
-            launcher = subprocess.Popen(
-                [sys.executable, "-m", "sluice.launcher"],
-                cwd=embedded_paths.BASE_DIR,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            _check_start_and_stop(launcher, var_dir, int(env["PORT"]), output)
-        finally:
-            _force_cleanup(launcher, var_dir)
+        first = _launch_check_and_stop(var_dir)
+        second = _launch_check_and_stop(var_dir)
+        assert second == first  # same demo user row, same graphs: the data survived
     finally:
         shutil.rmtree(var_dir, ignore_errors=True)
 
 
+def _launch_check_and_stop(var_dir: Path) -> list[tuple[object, ...]]:
+    output = var_dir / "launcher-output.txt"
+    env = _launcher_env(var_dir)
+    with output.open("wb") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "sluice.launcher"],
+            cwd=embedded_paths.BASE_DIR,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        return _check_start_and_stop(launcher, var_dir, int(env["PORT"]), output)
+    finally:
+        _force_cleanup(launcher, var_dir)
+
+
+def _demo_data(pg_dir: Path) -> list[tuple[object, ...]]:
+    with psycopg.connect(embedded_paths.embedded_database_url(pg_dir)) as conn:
+        return conn.execute(
+            "SELECT u.id, u.date_joined, g.slug FROM auth_user u"
+            " JOIN tenants_membership m ON m.user_id = u.id"
+            " JOIN graphs_streamgraph g ON g.tenant_id = m.tenant_id"
+            " WHERE u.username = 'demo' ORDER BY g.slug"
+        ).fetchall()
+
+
 def _check_start_and_stop(
     launcher: subprocess.Popen[bytes], var_dir: Path, port: int, output: Path
-) -> None:
+) -> list[tuple[object, ...]]:
     _wait_for_login_page(launcher, f"http://127.0.0.1:{port}/accounts/login/", var_dir)
     pg_dir = embedded_paths.postgres_data_dir(var_dir)
     postmaster = embedded.postmaster_pid(pg_dir)
     assert postmaster is not None, "the embedded PostgreSQL is not running"
+    demo = _demo_data(pg_dir)
+    assert [row[2] for row in demo] == ["fanout-summaries", "ticket-triage"]
     started = _descendants(launcher.pid)
     # The launcher is a subreaper, so the postmaster that pg_ctl daemonized is its child.
     assert postmaster in started, "the postmaster was not adopted by the launcher"
@@ -168,3 +187,4 @@ def _check_start_and_stop(
     assert not (pg_dir / "postmaster.pid").exists()
     assert not (var_dir / "redis" / "redis.pid").exists()
     assert "Sluice is running at" in output.read_text()
+    return demo
