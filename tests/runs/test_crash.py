@@ -91,3 +91,41 @@ def test_sigkilled_worker_mid_run_loses_nothing_and_duplicates_nothing(
             assert step.attempt == 2
             assert step.worker.startswith("rescuer@")
             assert "worker victim@" in step.error and "lost (lease expired)" in step.error
+
+
+def test_sigkilled_prefork_worker_during_a_fast_fanout_commits_each_item_once(
+    world: World, django_db_setup: None
+) -> None:
+    """Short steps, so the kill lands among claims and commits rather than mid-generation."""
+    spec = {
+        "nodes": [
+            {"id": "in", "type": "source.manual"},
+            {"id": "split", "type": "fanout.split", "config": {"field": "items"}},
+            {"id": "t", "type": "transform.template", "config": {"template": "{{ item }}"}},
+            {"id": "store", "type": "sink.table", "config": {"table": "items"}},
+        ],
+        "edges": [["in", "split"], ["split", "t"], ["t", "store"]],
+    }
+    graph = world.graph("fast-crash", spec)
+    platform = Platform("crash-prefork")
+    try:
+        platform.start_beat()
+        victim = platform.start_worker("victim", ["cpu"], pool="prefork", concurrency=2)
+        with tenant_context(world.acme):
+            run = start_run(
+                version=graph.live_version(), payload={"items": list(range(300))}, actor=world.owner
+            )
+            rows = ResultRow.objects.filter(run=run)
+            wait_until(lambda: rows.count() >= 30, 60, "the first rows")
+            platform.kill(victim)
+            assert rows.count() < 300, "the kill should land before the fan-out is done"
+        platform.start_worker("rescuer", ["cpu"], pool="prefork", concurrency=2)
+        run = wait_for_run(run, timeout=120)
+    finally:
+        platform.stop()
+    with tenant_context(world.acme):
+        assert run.status == RunStatus.SUCCEEDED, run.error
+        assert sorted(row.data["text"] for row in rows) == sorted(str(i) for i in range(300))
+        for node_id in ("t", "store"):
+            assert Step.objects.filter(run=run, node_id=node_id).count() == 300
+        assert Event.objects.filter(run=run, producer__node_id="t").count() == 300
