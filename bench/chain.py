@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from bench.stack import services, worker
+from workers.queues import CPU_WORKER_QUEUES
 
 
 def chain_spec(length: int) -> dict[str, Any]:
@@ -87,7 +88,7 @@ def main(*, quick: bool) -> int:
     length, rounds, items = (20, 5, 200) if quick else (50, 10, 2000)
     with (
         services("chain") as root,
-        worker(root, "cpu", ["cpu"], ["--include", "bench.baseline_tasks"]),
+        worker(root, "cpu", CPU_WORKER_QUEUES, ["--include", "bench.baseline_tasks"]),
     ):
         from apps.graphs.services import create_graph
         from apps.tenants.context import tenant_context

@@ -15,11 +15,12 @@ app.autodiscover_tasks(["workers"], related_name="tasks")
 def _schedule_sweeper(sender: Celery, **_: object) -> None:
     from django.conf import settings
 
+    from workers.queues import CONTROL_QUEUE
     from workers.tasks import sweep
 
     sender.add_periodic_task(
         settings.SLUICE_SWEEP_INTERVAL_S,
         sweep.s(),
         name="sweep expired leases and lost messages",
-        options={"queue": "cpu", "expires": settings.SLUICE_SWEEP_INTERVAL_S * 2},
+        options={"queue": CONTROL_QUEUE, "expires": settings.SLUICE_SWEEP_INTERVAL_S * 2},
     )

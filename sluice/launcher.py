@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from sluice import embedded, embedded_paths, processes
+from workers.queues import CPU_WORKER_QUEUES
 
 HTTP_WAIT_S = 60.0
 POLL_S = 0.2
@@ -158,7 +159,9 @@ def _start_children(launch: _Launch, env: dict[str, str], port: int, log_dir: Pa
     commands = {
         "web": processes.asgi_argv(port),
         # CPU-bound operators: processes, one per core we give them.
-        "worker-cpu": processes.worker_argv(["cpu"], "cpu", pool="prefork", concurrency=2),
+        "worker-cpu": processes.worker_argv(
+            CPU_WORKER_QUEUES, "cpu", pool="prefork", concurrency=2
+        ),
         # Inference calls mostly wait on the engine: threads are enough and share its client.
         "worker-gpu": processes.worker_argv(["gpu"], "gpu", pool="threads", concurrency=8),
         "beat": processes.beat_argv(launch.var_dir / "celerybeat-schedule"),

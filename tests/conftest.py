@@ -11,6 +11,7 @@ from apps.tenants.context import tenant_context
 from apps.tenants.models import Role, Tenant
 from apps.tenants.services import add_member, create_tenant
 from tests.harness.platform import LOG_DIR, Platform
+from workers.queues import CPU_WORKER_QUEUES
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,7 +27,7 @@ def platform(
     label = request.module.__name__.rsplit(".", 1)[-1]
     running = Platform(label)
     try:
-        running.start_worker("cpu", ["cpu"], pool="prefork", concurrency=2)
+        running.start_worker("cpu", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
         running.start_worker("gpu", ["gpu"], pool="threads", concurrency=4)
         running.start_beat()
         yield running

@@ -6,3 +6,11 @@ class Queue(StrEnum):
 
     CPU = "cpu"
     GPU = "gpu"
+
+
+# The sweeper's own queue, so it is never stuck behind a backlog of steps (Redis transport
+# takes turns between a worker's queues). Not a Queue member: no node can run there.
+CONTROL_QUEUE = "control"
+
+# What a CPU worker consumes: its stages, and the sweeper.
+CPU_WORKER_QUEUES = [Queue.CPU.value, CONTROL_QUEUE]

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from apps.runs.models import Effect, Event, FanIn, ResultRow, Run, Step, Usage
+from apps.runs.models import Effect, Event, FanIn, FanInArrival, ResultRow, Run, Step, Usage
 from apps.tenants.admin_base import ReadOnlyAdmin
 
 
@@ -26,6 +26,11 @@ class EventAdmin(ReadOnlyAdmin):
 @admin.register(FanIn)
 class FanInAdmin(ReadOnlyAdmin):
     list_display = ["fanout_step", "run", "collect_node_id", "pending", "fired"]
+
+
+@admin.register(FanInArrival)
+class FanInArrivalAdmin(ReadOnlyAdmin):
+    list_display = ["id", "fanin", "event"]
 
 
 @admin.register(ResultRow)

@@ -168,8 +168,15 @@ class FanIn(TenantModel):
     # The fan-out step's own scopes: the collect's output goes back to them.
     parent_scopes = models.JSONField(default=list)
     pending = models.IntegerField(default=0)
-    arrived = ArrayField(models.UUIDField(), default=list)
     fired = models.BooleanField(default=False)
+
+
+class FanInArrival(TenantModel):
+    """An event that reached a fan-out's collect. One row per arrival rather than an array
+    on FanIn, so a 20,000-item fan-out appends rows instead of rewriting a growing array."""
+
+    fanin = models.ForeignKey(FanIn, on_delete=models.CASCADE, related_name="arrivals")
+    event = models.OneToOneField(Event, on_delete=models.CASCADE, related_name="+")
 
 
 class ResultRow(TenantModel):

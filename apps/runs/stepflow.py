@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from apps.graphs.validation import downstream, node_max_attempts, node_queue
 from apps.runs.dispatch import StepMessage
-from apps.runs.models import FanIn, Run, RunStatus, Step, StepStatus
+from apps.runs.models import FanIn, FanInArrival, Run, RunStatus, Step, StepStatus
 from apps.runs.transitions import transition_run
 from workers.operators import REGISTRY
 from workers.operators.base import PermanentError
@@ -127,8 +127,11 @@ def _move_fanins(step: Step, run: Run, spec: dict[str, Any], routing: Routing) -
     for scope_id in touched:
         fanin = FanIn.objects.select_for_update().get(fanout_step_id=scope_id)
         fanin.pending += deltas.get(scope_id, 0)
-        fanin.arrived = [*fanin.arrived, *routing.arrivals.get(scope_id, [])]
-        fanin.save(update_fields=["pending", "arrived"])
+        fanin.save(update_fields=["pending"])
+        FanInArrival.objects.bulk_create(
+            FanInArrival(tenant_id=run.tenant_id, fanin=fanin, event_id=event_id)
+            for event_id in routing.arrivals.get(scope_id, [])
+        )
         if fanin.pending == 0:
             settled.append(scope_id)
     fired: list[Step] = []
@@ -147,7 +150,8 @@ def _close(fanin: FanIn, run: Run, spec: dict[str, Any]) -> list[Step]:
     fanin.save(update_fields=["fired"])
     if fanin.collect_node_id:
         node = nodes_by_id(spec)[fanin.collect_node_id]
-        return [new_step(run, node, list(fanin.arrived), fanin.parent_scopes)]
+        arrived = list(fanin.arrivals.order_by("id").values_list("event_id", flat=True))
+        return [new_step(run, node, arrived, fanin.parent_scopes)]
     if not fanin.parent_scopes:
         return []
     parent = FanIn.objects.select_for_update().get(fanout_step_id=UUID(fanin.parent_scopes[-1][0]))

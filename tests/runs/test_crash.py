@@ -11,6 +11,7 @@ from apps.tenants.context import tenant_context
 from tests.conftest import World
 from tests.harness.platform import Platform
 from tests.runs.helpers import wait_for_run, wait_until
+from workers.queues import CPU_WORKER_QUEUES
 
 pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]
 
@@ -45,7 +46,7 @@ SPEC = {
 def crash_platform(django_db_setup: None) -> Iterator[Platform]:
     platform = Platform("crash")
     try:
-        platform.start_worker("cpu", ["cpu"], pool="prefork", concurrency=2)
+        platform.start_worker("cpu", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
         platform.start_beat()
         yield platform
     finally:
@@ -110,7 +111,7 @@ def test_sigkilled_prefork_worker_during_a_fast_fanout_commits_each_item_once(
     platform = Platform("crash-prefork")
     try:
         platform.start_beat()
-        victim = platform.start_worker("victim", ["cpu"], pool="prefork", concurrency=2)
+        victim = platform.start_worker("victim", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
         with tenant_context(world.acme):
             run = start_run(
                 version=graph.live_version(), payload={"items": list(range(300))}, actor=world.owner
@@ -119,7 +120,7 @@ def test_sigkilled_prefork_worker_during_a_fast_fanout_commits_each_item_once(
             wait_until(lambda: rows.count() >= 30, 60, "the first rows")
             platform.kill(victim)
             assert rows.count() < 300, "the kill should land before the fan-out is done"
-        platform.start_worker("rescuer", ["cpu"], pool="prefork", concurrency=2)
+        platform.start_worker("rescuer", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
         run = wait_for_run(run, timeout=120)
     finally:
         platform.stop()

@@ -11,6 +11,7 @@ from apps.tenants.context import tenant_context
 from tests.conftest import World
 from tests.harness.platform import Platform
 from tests.runs.helpers import wait_for_run
+from workers.queues import CPU_WORKER_QUEUES
 
 pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]
 
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]
 def flaky_platform(django_db_setup: None) -> Iterator[Platform]:
     platform = Platform("retry")
     try:
-        platform.start_worker("cpu", ["cpu"], pool="prefork", concurrency=2)
+        platform.start_worker("cpu", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
         platform.start_worker(
             "gpu", ["gpu"], concurrency=4, env={"SLUICE_SIM_FAIL_FIRST_ATTEMPTS": "2"}
         )
