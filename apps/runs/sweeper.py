@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from apps.runs.dispatch import StepMessage, send_now
+from apps.runs.dispatch import StepMessage, send_now, send_on_commit
 from apps.runs.models import (
     ACTIVE_RUN_STATUSES,
     CLAIMABLE_STEP_STATUSES,
@@ -85,8 +85,7 @@ def release_expired_lease(step_id: object) -> int:
             lease_token=None,
             enqueued_at=timezone.now(),
         )
-        message = StepMessage(step.tenant_id, step.id, step.queue)
-        transaction.on_commit(lambda: send_now(message))
+        send_on_commit([StepMessage(step.tenant_id, step.id, step.queue)])
     return 1
 
 
