@@ -20,7 +20,11 @@ from pathlib import Path
 
 import redis
 
-from sluice.embedded_paths import embedded_database_url, postgres_socket_dir
+from sluice.embedded_paths import (
+    embedded_database_url,
+    postgres_socket_dir,
+    postmaster_pid_lines,
+)
 from sluice.processes import die_with_parent, process_alive
 
 with warnings.catch_warnings():
@@ -94,7 +98,7 @@ def postgres_running(data_dir: Path) -> bool:
 
 def postmaster_pid(data_dir: Path) -> int | None:
     """The pid of the postmaster running on data_dir, or None."""
-    lines = _pid_file_lines(data_dir)
+    lines = postmaster_pid_lines(data_dir)
     if not lines or not lines[0].strip().isdigit():
         return None
     pid = int(lines[0])
@@ -110,7 +114,7 @@ def _discard_stale_pid_file(data_dir: Path) -> None:
     """
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while time.monotonic() < deadline:
-        lines = _pid_file_lines(data_dir)
+        lines = postmaster_pid_lines(data_dir)
         if lines is None:
             return
         if postmaster_pid(data_dir) is None:
@@ -132,13 +136,6 @@ def _discard_stale_socket_locks(socket_dir: Path) -> None:
         first_line = lock.read_text().partition("\n")[0].strip()
         if first_line.isdigit() and not _is_postgres(int(first_line)):
             lock.unlink(missing_ok=True)
-
-
-def _pid_file_lines(data_dir: Path) -> list[str] | None:
-    try:
-        return (data_dir / "postmaster.pid").read_text().splitlines()
-    except FileNotFoundError:
-        return None
 
 
 def _is_postgres(pid: int) -> bool:

@@ -24,14 +24,19 @@ def postgres_socket_dir(data_dir: Path) -> str:
     postmaster.pid's fifth line names it; pgserver moves it to /tmp when the data dir's
     path is too long for a socket, so read it rather than assume.
     """
-    pid_file = data_dir / "postmaster.pid"
-    try:
-        lines = pid_file.read_text().splitlines()
-    except OSError:
-        return str(data_dir)
+    lines = postmaster_pid_lines(data_dir) or []
     if len(lines) >= 5 and lines[4].strip():
         return lines[4].strip()
     return str(data_dir)
+
+
+def postmaster_pid_lines(data_dir: Path) -> list[str] | None:
+    """postmaster.pid's lines (pid, data dir, start, port, socket dir, ...), or None when
+    there is none or it cannot be read."""
+    try:
+        return (data_dir / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
 
 
 def embedded_database_url(data_dir: Path, dbname: str = "postgres") -> str:

@@ -23,3 +23,9 @@ def version_spec(version_id: int) -> dict[str, Any]:
     their own tenant, and must not mutate the returned dict."""
     spec: dict[str, Any] = GraphVersion.objects.values_list("spec", flat=True).get(id=version_id)
     return spec
+
+
+@lru_cache(maxsize=256)
+def version_nodes(version_id: int) -> dict[str, dict[str, Any]]:
+    """A version's nodes by id, built once per process (same terms as version_spec)."""
+    return {node["id"]: node for node in version_spec(version_id)["nodes"]}

@@ -26,7 +26,7 @@ from apps.runs.models import (
     StepStatus,
 )
 from apps.runs.services import stop_run
-from apps.runs.stepflow import Routing, nodes_by_id, open_fanin, scope_entry, settle
+from apps.runs.stepflow import Routing, open_fanin, scope_entry, settle
 from apps.runs.transitions import transition_run, transition_step
 from apps.runs.writes import write_outputs
 from workers.operators import REGISTRY
@@ -50,10 +50,6 @@ class Claimed:
     node: dict[str, Any]
     token: UUID
     started: float
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return self.run.spec
 
 
 @dataclass(frozen=True)
@@ -137,8 +133,7 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
             setattr(step, field, value)
         if run.status == RunStatus.QUEUED:
             transition_run(run.id, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING, started_at=now)
-    node = nodes_by_id(run.spec)[step.node_id]
-    return Claimed(step, run, node, token, time.monotonic())
+    return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
 
 
 def _skip(step: Step, run: Run, reason: str) -> None:
@@ -149,7 +144,7 @@ def _skip(step: Step, run: Run, reason: str) -> None:
         skip_reason=reason,
         finished_at=timezone.now(),
     )
-    settle(step, run, run.spec, Routing())
+    settle(step, run, Routing())
 
 
 class Heartbeat:
@@ -193,7 +188,7 @@ def run_operator(claim: Claimed) -> StepResult:
         node_id=claim.node["id"],
         config=claim.node.get("config", {}),
         attempt=claim.step.attempt,
-        max_fanout=spec_max_fanout(claim.spec, settings.SLUICE_DEFAULT_MAX_FANOUT),
+        max_fanout=spec_max_fanout(claim.run.spec, settings.SLUICE_DEFAULT_MAX_FANOUT),
         heartbeat=Heartbeat(claim),
     )
     return REGISTRY[claim.node["type"]].run(ctx, inputs)
@@ -238,8 +233,8 @@ def commit_step(
         events = write_outputs(step, run, result, opens_scope=operator.opens_scope)
         routing = Routing()
         if operator.opens_scope:
-            open_fanin(step, run, claim.spec, routing)
-        routing.route(step, run, claim.spec, events)
+            open_fanin(step, run, routing)
+        routing.route(step, run, events)
         inline = _claim_inline(routing, run, step.worker, inline_queue)
         usage = result.usage
         messages = _end(
@@ -269,8 +264,7 @@ def _claim_inline(routing: Routing, run: Run, worker: str, queue: str | None) ->
     token = uuid4()
     step.status, step.attempt, step.worker = StepStatus.RUNNING, 1, worker
     step.lease_until, step.lease_token, step.started_at = lease_until(), token, timezone.now()
-    node = nodes_by_id(run.spec)[step.node_id]
-    return Claimed(step, run, node, token, time.monotonic())
+    return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
 
 
 def _end(
@@ -289,7 +283,7 @@ def _end(
     )
     if not moved:
         raise LeaseLost(str(step.id))
-    return settle(step, run, claim.spec, routing or Routing())
+    return settle(step, run, routing or Routing())
 
 
 def end_running_step(claim: Claimed, to: str, **fields: Any) -> None:

@@ -6,7 +6,7 @@ from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
-from apps.graphs.access import version_spec
+from apps.graphs.access import version_nodes, version_spec
 from apps.graphs.models import GraphVersion
 from apps.tenants.models import TenantModel
 
@@ -61,6 +61,10 @@ class Run(TenantModel):
     @property
     def spec(self) -> dict[str, Any]:
         return version_spec(self.graph_version_id)
+
+    @property
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return version_nodes(self.graph_version_id)
 
 
 class StepStatus(models.TextChoices):

@@ -22,10 +22,6 @@ from workers.operators.base import PermanentError
 Scopes = list[list[Any]]
 
 
-def nodes_by_id(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {node["id"]: node for node in spec["nodes"]}
-
-
 def new_step(run: Run, node: dict[str, Any], inputs: list[UUID], scopes: Scopes) -> Step:
     innermost = scopes[-1] if scopes else None
     return Step(
@@ -59,10 +55,10 @@ class Routing:
         # Set when the step was a fan-out: the scope its items belong to.
         self.opened_scope: UUID | None = None
 
-    def route(self, step: Step, run: Run, spec: dict[str, Any], events: list[Any]) -> None:
-        nodes = nodes_by_id(spec)
+    def route(self, step: Step, run: Run, events: list[Any]) -> None:
+        nodes = run.nodes
         for event in events:
-            for target in downstream(spec, step.node_id, event.port):
+            for target in downstream(run.spec, step.node_id, event.port):
                 node = nodes[target]
                 if REGISTRY[node["type"]].is_collect:
                     self._arrive(event, node)
@@ -83,32 +79,32 @@ def scope_entry(scopes: Scopes, fanout_node_id: str) -> list[Any] | None:
     return next((e for e in reversed(scopes) if e[2] == fanout_node_id), None)
 
 
-def open_fanin(step: Step, run: Run, spec: dict[str, Any], routing: Routing) -> None:
+def open_fanin(step: Step, run: Run, routing: Routing) -> None:
     """A fan-out step's items form a new scope; its fan-in starts with nothing pending."""
     routing.opened_scope = step.id
     FanIn.objects.create(
         tenant_id=run.tenant_id,
         fanout_step=step,
         run=run,
-        collect_node_id=collect_for(spec, step.node_id),
+        collect_node_id=collect_for(run.spec, step.node_id),
         parent_scopes=step.scopes,
     )
 
 
-def settle(step: Step, run: Run, spec: dict[str, Any], routing: Routing) -> list[StepMessage]:
+def settle(step: Step, run: Run, routing: Routing) -> list[StepMessage]:
     """Account for a step reaching a final state; returns the messages for new steps.
 
     The caller has already set the step's final status in this transaction.
     """
     created = list(routing.steps)
     if run.is_active:
-        created += _move_fanins(step, run, spec, routing)
+        created += _move_fanins(step, run, routing)
     Step.objects.bulk_create(created)
     _move_open_steps(run, len(created) - 1)
     return [StepMessage(run.tenant_id, s.id, s.queue) for s in created]
 
 
-def _move_fanins(step: Step, run: Run, spec: dict[str, Any], routing: Routing) -> list[Step]:
+def _move_fanins(step: Step, run: Run, routing: Routing) -> list[Step]:
     """Each scope's `pending` counts units of unsettled work inside it: steps, and inner
     fan-outs not yet closed. A fan-out step hands its unit to the scope it opens, which
     gives it back (as its collect step, or by closing) once all its items have settled."""
@@ -136,11 +132,11 @@ def _move_fanins(step: Step, run: Run, spec: dict[str, Any], routing: Routing) -
             settled.append(scope_id)
     fired: list[Step] = []
     for scope_id in settled:
-        fired += _close(FanIn.objects.select_for_update().get(fanout_step_id=scope_id), run, spec)
+        fired += _close(FanIn.objects.select_for_update().get(fanout_step_id=scope_id), run)
     return fired
 
 
-def _close(fanin: FanIn, run: Run, spec: dict[str, Any]) -> list[Step]:
+def _close(fanin: FanIn, run: Run) -> list[Step]:
     """Every item of a fan-out has settled. With a collect, the collect step takes all that
     arrived and inherits the fan-out's unit in the outer scope; without one, the unit is
     given back to the outer scope, which may settle in turn."""
@@ -149,7 +145,7 @@ def _close(fanin: FanIn, run: Run, spec: dict[str, Any]) -> list[Step]:
     fanin.fired = True
     fanin.save(update_fields=["fired"])
     if fanin.collect_node_id:
-        node = nodes_by_id(spec)[fanin.collect_node_id]
+        node = run.nodes[fanin.collect_node_id]
         arrived = list(fanin.arrivals.order_by("id").values_list("event_id", flat=True))
         return [new_step(run, node, arrived, fanin.parent_scopes)]
     if not fanin.parent_scopes:
@@ -157,7 +153,7 @@ def _close(fanin: FanIn, run: Run, spec: dict[str, Any]) -> list[Step]:
     parent = FanIn.objects.select_for_update().get(fanout_step_id=UUID(fanin.parent_scopes[-1][0]))
     parent.pending -= 1
     parent.save(update_fields=["pending"])
-    return _close(parent, run, spec) if parent.pending == 0 else []
+    return _close(parent, run) if parent.pending == 0 else []
 
 
 def _move_open_steps(run: Run, delta: int) -> None:

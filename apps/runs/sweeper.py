@@ -43,9 +43,12 @@ def _expired_leases() -> int:
     expired = Step.unscoped_all_tenants.filter(
         status=StepStatus.RUNNING, lease_until__lt=timezone.now()
     ).values_list("tenant_id", "id")[:BATCH]
+    tenants: dict[int, Tenant] = {}
     count = 0
     for tenant_id, step_id in expired:
-        with tenant_context(Tenant.objects.get(id=tenant_id)):
+        if tenant_id not in tenants:
+            tenants[tenant_id] = Tenant.objects.get(id=tenant_id)
+        with tenant_context(tenants[tenant_id]):
             count += release_expired_lease(step_id)
     return count
 
@@ -74,7 +77,7 @@ def release_expired_lease(step_id: object) -> int:
                 lease_until=None,
                 finished_at=timezone.now(),
             )
-            settle(step, run, run.spec, Routing())
+            settle(step, run, Routing())
             return 1
         transition_step(
             step.id,

@@ -17,10 +17,6 @@ class Tenant(models.Model):
         return self.name
 
 
-class TenantScopedQuerySet(models.QuerySet[Any]):
-    pass
-
-
 class TenantScopedManager(models.Manager[Any]):
     """Default manager of every tenant-owned model: rows of the current tenant only.
 
