@@ -111,11 +111,19 @@ CELERY_DB_REUSE_MAX = env_int("SLUICE_WORKER_DB_REUSE_MAX", 500, minimum=0)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # Execution: how long a claimed step is leased before the sweeper may hand it to another
-# worker, and how often the sweeper looks.
-SLUICE_STEP_LEASE_S = env_float("SLUICE_STEP_LEASE_S", 30.0, minimum=1.0)
-SLUICE_SWEEP_INTERVAL_S = env_float("SLUICE_SWEEP_INTERVAL_S", 5.0, minimum=0.2)
+# worker, and how often the sweeper looks. A background thread in each worker process renews
+# the leases of its running steps four times per lease, so a step may run for hours; a
+# killed worker's steps are running again within about lease + sweep interval.
+SLUICE_STEP_LEASE_S = env_float("SLUICE_STEP_LEASE_S", 6.0, minimum=1.0)
+SLUICE_SWEEP_INTERVAL_S = env_float("SLUICE_SWEEP_INTERVAL_S", 1.0, minimum=0.2)
 # A queued step whose message has not been picked up for this long gets a new message.
 SLUICE_REQUEUE_AFTER_S = env_float("SLUICE_REQUEUE_AFTER_S", 30.0, minimum=0.5)
+# A run may re-attempt at most this share of its steps, plus a fixed allowance, so a failing
+# dependency cannot multiply the load on itself (retries beyond it dead-letter the step).
+SLUICE_RETRY_BUDGET_RATIO = env_float("SLUICE_RETRY_BUDGET_RATIO", 0.1)
+SLUICE_RETRY_BUDGET_MIN = env_int("SLUICE_RETRY_BUDGET_MIN", 10)
+# Outbound HTTP from graphs (tool.http, sink.webhook): the longest timeout a node may ask.
+SLUICE_HTTP_MAX_TIMEOUT_S = env_float("SLUICE_HTTP_MAX_TIMEOUT_S", 60.0, minimum=1.0)
 SLUICE_DEFAULT_MAX_FANOUT = env_int("SLUICE_DEFAULT_MAX_FANOUT", 1000, minimum=1)
 
 # The simulated engine's defaults; a graph's llm.generate config may not change them.

@@ -51,6 +51,9 @@ _NODE_SCHEMA: JSON = {
                 "backoff_s": {"type": "number", "minimum": 0, "maximum": 3600},
             },
         },
+        # The step must finish within this many seconds of becoming ready, else it is skipped
+        # with reason "deadline" and counts as failed.
+        "ttl_s": {"type": "integer", "minimum": 1, "maximum": 86400},
         "resources": {
             "type": "object",
             "additionalProperties": False,
@@ -178,6 +181,11 @@ def node_max_attempts(node: JSON) -> int:
 
 def node_backoff_s(node: JSON) -> float:
     return float(node.get("retry", {}).get("backoff_s", DEFAULT_BACKOFF_S))
+
+
+def node_ttl_s(node: JSON) -> int | None:
+    ttl = node.get("ttl_s")
+    return int(ttl) if ttl is not None else None
 
 
 def spec_max_fanout(spec: JSON, default: int) -> int:

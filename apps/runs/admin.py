@@ -25,7 +25,7 @@ class EventAdmin(ReadOnlyAdmin):
 
 @admin.register(FanIn)
 class FanInAdmin(ReadOnlyAdmin):
-    list_display = ["fanout_step", "run", "collect_node_id", "pending", "fired"]
+    list_display = ["fanout_step", "run", "collect_node_id", "pending", "failed", "closed"]
 
 
 @admin.register(FanInArrival)

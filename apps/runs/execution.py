@@ -15,20 +15,25 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from apps.graphs.validation import node_backoff_s, spec_max_fanout
+from apps.graphs.validation import spec_max_fanout
+from apps.runs import effects
 from apps.runs.dispatch import StepMessage, send_on_commit
+from apps.runs.leases import KEEPER
 from apps.runs.models import (
     CLAIMABLE_STEP_STATUSES,
     Event,
+    FanIn,
     Run,
     RunStatus,
     Step,
     StepStatus,
 )
+from apps.runs.retries import budget_spent_error, retry_delay_s, take_retry
 from apps.runs.services import stop_run
-from apps.runs.stepflow import Routing, open_fanin, scope_entry, settle
+from apps.runs.stepflow import DEADLINE, Routing, open_fanin, scope_entry, settle
 from apps.runs.transitions import transition_run, transition_step
 from apps.runs.writes import write_outputs
+from apps.tenants.context import current_tenant
 from workers.operators import REGISTRY
 from workers.operators.base import (
     InputEvent,
@@ -40,7 +45,6 @@ from workers.operators.base import (
 )
 
 logger = logging.getLogger(__name__)
-MAX_BACKOFF_S = 300.0
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Claimed:
     node: dict[str, Any]
     token: UUID
     started: float
+    operator_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -75,13 +80,18 @@ def execute(step_id: UUID, worker: str, *, inline_queue: str | None) -> Claimed 
 
 def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
     step_id = claim.step.id
+    KEEPER.hold(step_id, claim.token)
     try:
         result = run_operator(claim)
         return commit_step(claim, result, inline_queue=inline_queue)
+    except StepDeadlinePassed:
+        end_running_step(claim, StepStatus.SKIPPED, skip_reason=DEADLINE, failed=True)
     except StepCancelled as exc:
         if isinstance(exc, DeadlinePassed):
             expire(claim.run)  # first, so the run ends failed rather than succeeded
-        end_running_step(claim, StepStatus.SKIPPED, skip_reason=f"{exc} while running")
+            end_running_step(claim, StepStatus.SKIPPED, skip_reason=DEADLINE)
+        else:
+            end_running_step(claim, StepStatus.SKIPPED, skip_reason=f"{exc} while running")
     except LeaseLost:
         logger.warning("step %s: lease lost to another worker; its results are dropped", step_id)
     except PermanentError as exc:
@@ -89,15 +99,21 @@ def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
     except Exception as exc:
         logger.exception("step %s (%s) failed", step_id, claim.node["id"])
         fail_attempt(claim, f"{type(exc).__name__}: {exc}", permanent=False)
+    finally:
+        KEEPER.release(step_id)
     return None
 
 
 class DeadlinePassed(StepCancelled):
-    pass
+    """The run's deadline passed: the whole run stops."""
+
+
+class StepDeadlinePassed(StepCancelled):
+    """The node's ttl_s ran out for this step: it fails, the run goes on."""
 
 
 def expire(run: Run) -> None:
-    stop_run(run, to=RunStatus.FAILED, reason="deadline passed", actor=None)
+    stop_run(run, to=RunStatus.FAILED, reason="deadline passed", skip_reason=DEADLINE, actor=None)
 
 
 def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
@@ -117,6 +133,9 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
             return None
         if run.deadline is not None and run.deadline <= now:
             return Overdue(run)
+        if step.deadline is not None and step.deadline <= now:
+            _skip(step, run, DEADLINE, failed=True)
+            return None
         token = uuid4()
         # The row is locked, so its attempt count cannot move under us.
         changes = {
@@ -136,7 +155,7 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
     return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
 
 
-def _skip(step: Step, run: Run, reason: str) -> None:
+def _skip(step: Step, run: Run, reason: str, *, failed: bool = False) -> None:
     transition_step(
         step.id,
         from_=(step.status,),
@@ -144,28 +163,28 @@ def _skip(step: Step, run: Run, reason: str) -> None:
         skip_reason=reason,
         finished_at=timezone.now(),
     )
-    settle(step, run, Routing())
+    send_on_commit(settle(step, run, Routing(), failed=failed))
 
 
 class Heartbeat:
-    """Extends the lease and checks the run, at most every `interval` seconds, so an operator
-    may call it between every token."""
+    """Checks the run and the deadlines, at most every `interval` seconds, so an operator may
+    call it between every token. The lease is renewed in the background (leases.KEEPER)."""
 
     def __init__(self, claim: Claimed) -> None:
         self.claim = claim
-        self.interval = min(0.5, settings.SLUICE_STEP_LEASE_S / 3)
+        self.interval = 0.5
         self.last = time.monotonic()
 
     def __call__(self) -> None:
+        claim = self.claim
+        if KEEPER.lost(claim.step.id):
+            raise LeaseLost(str(claim.step.id))
+        step_deadline = claim.step.deadline
+        if step_deadline is not None and step_deadline <= timezone.now():
+            raise StepDeadlinePassed(DEADLINE)
         if time.monotonic() - self.last < self.interval:
             return
         self.last = time.monotonic()
-        claim = self.claim
-        extended = Step.objects.filter(
-            id=claim.step.id, status=StepStatus.RUNNING, lease_token=claim.token
-        ).update(lease_until=lease_until())
-        if not extended:
-            raise LeaseLost(str(claim.step.id))
         status, deadline = (
             Run.objects.filter(id=claim.run.id).values_list("status", "deadline").get()
         )
@@ -176,22 +195,40 @@ class Heartbeat:
 
 
 def run_operator(claim: Claimed) -> StepResult:
+    step, node = claim.step, claim.node
     by_id = {event.id: event for event in Event.objects.filter(id__in=claim.step.inputs)}
     collected = claim.node.get("config", {}).get("by") if claim.node["type"] == "collect" else None
     inputs = [
         InputEvent(str(e.id), e.payload, item_order(e.scopes, collected))
         for e in (by_id[i] for i in claim.step.inputs)
     ]
+    heartbeat = Heartbeat(claim)
+    operator = REGISTRY[node["type"]]
     ctx = StepContext(
         run_id=str(claim.run.id),
-        step_id=str(claim.step.id),
-        node_id=claim.node["id"],
-        config=claim.node.get("config", {}),
-        attempt=claim.step.attempt,
+        step_id=str(step.id),
+        node_id=node["id"],
+        config=node.get("config", {}),
+        attempt=step.attempt,
         max_fanout=spec_max_fanout(claim.run.spec, settings.SLUICE_DEFAULT_MAX_FANOUT),
-        heartbeat=Heartbeat(claim),
+        heartbeat=heartbeat,
+        perform_effect=lambda name, request, call: effects.perform(
+            step, claim.token, name, request, call
+        ),
+        outbound_allowlist=frozenset(current_tenant().outbound_allowlist),
+        failures=tuple(collect_failures(step)) if operator.is_collect else (),
     )
-    return REGISTRY[claim.node["type"]].run(ctx, inputs)
+    heartbeat()  # a step already past its deadline does not start
+    started = time.monotonic()
+    try:
+        return operator.run(ctx, inputs)
+    finally:
+        claim.operator_ms = (time.monotonic() - started) * 1000
+
+
+def collect_failures(collect_step: Step) -> list[Any]:
+    fanin = FanIn.objects.filter(collect_step_id=collect_step.id).values_list("failures")
+    return list(fanin[0][0]) if fanin else []
 
 
 def item_order(scopes: list[list[Any]], collected_fanout: str | None) -> tuple[int, ...]:
@@ -246,6 +283,7 @@ def commit_step(
             tokens_in=usage.tokens_in if usage else 0,
             tokens_out=usage.tokens_out if usage else 0,
             cost_usd=usage.cost_usd if usage else 0,
+            operator_ms=claim.operator_ms,
         )
         # The inline step needs no message: if this worker dies before finishing it, its
         # lease expires and the sweeper sends one.
@@ -268,7 +306,14 @@ def _claim_inline(routing: Routing, run: Run, worker: str, queue: str | None) ->
 
 
 def _end(
-    step: Step, run: Run, claim: Claimed, to: str, *, routing: Routing | None = None, **fields: Any
+    step: Step,
+    run: Run,
+    claim: Claimed,
+    to: str,
+    *,
+    routing: Routing | None = None,
+    failed: bool = False,
+    **fields: Any,
 ) -> list[StepMessage]:
     """Move a running step this worker holds to a final status and settle the run."""
     moved = transition_step(
@@ -283,26 +328,38 @@ def _end(
     )
     if not moved:
         raise LeaseLost(str(step.id))
-    return settle(step, run, routing or Routing())
+    return settle(step, run, routing or Routing(), failed=failed)
 
 
-def end_running_step(claim: Claimed, to: str, **fields: Any) -> None:
+def end_running_step(claim: Claimed, to: str, *, failed: bool = False, **fields: Any) -> None:
     try:
         with transaction.atomic():
             step = _lock_own_step(claim)
-            send_on_commit(_end(step, claim.run, claim, to, **fields))
+            send_on_commit(_end(step, claim.run, claim, to, failed=failed, **fields))
     except LeaseLost:
         logger.warning("step %s: lease lost before it could be closed", claim.step.id)
 
 
 def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
-    """Dead-letter the step after a permanent error or its last attempt; else retry later."""
+    """Dead-letter the step after a permanent error, its last attempt, or when the run's
+    retry budget is spent; else retry later with backoff and jitter."""
     attempt, most = claim.step.attempt, claim.step.max_attempts
     label = f"attempt {attempt}/{most}: {error}"
     if permanent or attempt >= most:
-        end_running_step(claim, StepStatus.DEAD, error=label)
+        end_running_step(
+            claim, StepStatus.DEAD, error=label, failed=True, operator_ms=claim.operator_ms
+        )
         return
-    delay = min(node_backoff_s(claim.node) * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    if not take_retry(claim.run.id, claim.run.tenant_id):
+        end_running_step(
+            claim,
+            StepStatus.DEAD,
+            error=budget_spent_error(attempt, most, error),
+            failed=True,
+            operator_ms=claim.operator_ms,
+        )
+        return
+    delay = retry_delay_s(claim.node, attempt)
     now = timezone.now()
     with transaction.atomic():
         moved = transition_step(

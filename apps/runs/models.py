@@ -39,6 +39,11 @@ class Run(TenantModel):
     on_disconnect = models.CharField(max_length=16, default="detach")
     # Steps not yet in a final state. Changed only inside step transactions; zero ends the run.
     open_steps = models.IntegerField(default=0)
+    # Re-attempts so far (failed attempts and lost workers), held under the retry budget.
+    retries = models.IntegerField(default=0)
+    # Steps that failed (dead, or past their node's deadline) with no collect to absorb
+    # them; above zero the run ends failed.
+    failures = models.IntegerField(default=0)
     error = models.TextField(blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -100,11 +105,15 @@ class Step(TenantModel):
     lease_token = models.UUIDField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True)
     not_before = models.DateTimeField(null=True, blank=True)
+    # From the node's ttl_s: past it the step is skipped with reason "deadline".
+    deadline = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     enqueued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     duration_ms = models.FloatField(null=True, blank=True)
+    # The operator's own time within duration_ms; the rest is the platform's overhead.
+    operator_ms = models.FloatField(null=True, blank=True)
     tokens_in = models.PositiveIntegerField(default=0)
     tokens_out = models.PositiveIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
@@ -162,6 +171,13 @@ class Event(TenantModel):
         return f"event {self.id}"
 
 
+class FanInClosed(models.TextChoices):
+    OPEN = ""
+    COLLECTED = "collected"  # the collect step was created with what arrived
+    PASSED = "passed"  # no collect: its unit went back to the outer scope
+    FAILED = "failed"  # items failed and the policy fails the run: no collect step
+
+
 class FanIn(TenantModel):
     """Counts what is still in flight inside one fan-out, so its collect fires exactly when
     every item has settled: arrived at the collect, or ended (sunk, routed away, dead)."""
@@ -172,7 +188,14 @@ class FanIn(TenantModel):
     # The fan-out step's own scopes: the collect's output goes back to them.
     parent_scopes = models.JSONField(default=list)
     pending = models.IntegerField(default=0)
-    fired = models.BooleanField(default=False)
+    # Items that failed inside this scope (dead or past their deadline).
+    failed = models.IntegerField(default=0)
+    closed = models.CharField(max_length=16, choices=FanInClosed.choices, blank=True)
+    # Set when closed as collected: the collect step, and the failures it was told of.
+    collect_step = models.OneToOneField(
+        Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="collected_fanin"
+    )
+    failures = models.JSONField(default=list, blank=True)
 
 
 class FanInArrival(TenantModel):
@@ -204,7 +227,9 @@ class EffectStatus(models.TextChoices):
 
 
 class Effect(TenantModel):
-    """The side-effect ledger: one row per effect key, so an effect is performed once."""
+    """The side-effect ledger: one row per effect key, so an effect is performed once.
+    The key is derived from run, node, input events and effect name, so it is the same on
+    every attempt of the step; it is also the Idempotency-Key sent with HTTP calls."""
 
     key = models.CharField(max_length=200, unique=True)
     step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="effects")
@@ -212,6 +237,10 @@ class Effect(TenantModel):
     request_digest = models.CharField(max_length=64)
     status = models.CharField(max_length=16, choices=EffectStatus.choices)
     result = models.JSONField(null=True, blank=True)
+    # Times the call went out: above 1 means a retry after an unknown outcome, which the
+    # receiver deduplicates by the idempotency key.
+    calls = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     completed_at = models.DateTimeField(null=True, blank=True)
 

@@ -78,9 +78,12 @@ def start_run(
     return run
 
 
-def stop_run(run: Run, *, to: str, reason: str, actor: Actor) -> bool:
-    """Cancel (or expire) a run: it stops at once; waiting steps are skipped; running steps
-    learn of it at their next heartbeat and commit nothing. False if it had already ended."""
+def stop_run(
+    run: Run, *, to: str, reason: str, actor: Actor, skip_reason: str | None = None
+) -> bool:
+    """Cancel (or expire) a run: it stops at once; waiting steps are skipped (with
+    `skip_reason`, else `reason`); running steps learn of it at their next heartbeat and
+    commit nothing. False if it had already ended."""
     now = timezone.now()
     with transaction.atomic():
         stopped = transition_run(
@@ -97,7 +100,7 @@ def stop_run(run: Run, *, to: str, reason: str, actor: Actor) -> bool:
                 after={"status": to, "reason": reason},
             )
     if stopped:
-        skip_waiting(run, reason)
+        skip_waiting(run, skip_reason or reason)
     return stopped
 
 

@@ -6,24 +6,32 @@ from the innermost scope outwards, then the run row last.
 """
 
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
-from apps.graphs.validation import downstream, node_max_attempts, node_queue
+from apps.graphs.validation import downstream, node_max_attempts, node_queue, node_ttl_s
 from apps.runs.dispatch import StepMessage
-from apps.runs.models import FanIn, FanInArrival, Run, RunStatus, Step, StepStatus
+from apps.runs.models import FanIn, FanInArrival, FanInClosed, Run, RunStatus, Step, StepStatus
 from apps.runs.transitions import transition_run
 from workers.operators import REGISTRY
 from workers.operators.base import PermanentError
+from workers.operators.builtin import collects_failures
+
+# The skip reason of a step that ran out of time (its node's ttl_s or the run's deadline).
+DEADLINE = "deadline"
 
 Scopes = list[list[Any]]
 
 
 def new_step(run: Run, node: dict[str, Any], inputs: list[UUID], scopes: Scopes) -> Step:
     innermost = scopes[-1] if scopes else None
+    ttl = node_ttl_s(node)
+    now = timezone.now()
     return Step(
         tenant_id=run.tenant_id,
         run=run,
@@ -35,7 +43,8 @@ def new_step(run: Run, node: dict[str, Any], inputs: list[UUID], scopes: Scopes)
         scopes=scopes,
         scope=UUID(innermost[0]) if innermost else None,
         item_index=innermost[1] if innermost else None,
-        enqueued_at=timezone.now(),
+        deadline=now + timedelta(seconds=ttl) if ttl is not None else None,
+        enqueued_at=now,
     )
 
 
@@ -91,24 +100,30 @@ def open_fanin(step: Step, run: Run, routing: Routing) -> None:
     )
 
 
-def settle(step: Step, run: Run, routing: Routing) -> list[StepMessage]:
+def settle(step: Step, run: Run, routing: Routing, *, failed: bool = False) -> list[StepMessage]:
     """Account for a step reaching a final state; returns the messages for new steps.
 
-    The caller has already set the step's final status in this transaction.
+    The caller has already set the step's final status in this transaction. `failed`: the
+    step is dead or past its deadline; its fan-out's collect, or else the run, must know.
     """
     created = list(routing.steps)
+    run_failures = 0
     if run.is_active:
-        created += _move_fanins(step, run, routing)
+        fired, run_failures = _move_fanins(step, run, routing, failed)
+        created += fired
     Step.objects.bulk_create(created)
-    _move_open_steps(run, len(created) - 1)
+    _move_open_steps(run, len(created) - 1, run_failures)
     return [StepMessage(run.tenant_id, s.id, s.queue) for s in created]
 
 
-def _move_fanins(step: Step, run: Run, routing: Routing) -> list[Step]:
+def _move_fanins(step: Step, run: Run, routing: Routing, failed: bool) -> tuple[list[Step], int]:
     """Each scope's `pending` counts units of unsettled work inside it: steps, and inner
     fan-outs not yet closed. A fan-out step hands its unit to the scope it opens, which
-    gives it back (as its collect step, or by closing) once all its items have settled."""
+    gives it back (as its collect step, or by closing) once all its items have settled.
+    Returns the collect steps that fired and the failures that reached the run itself."""
     opened = routing.opened_scope
+    if failed and step.scope is None:
+        return [], 1
     deltas: dict[UUID, int] = defaultdict(int)
     if step.scope is not None and opened is None:
         deltas[step.scope] -= 1
@@ -123,7 +138,9 @@ def _move_fanins(step: Step, run: Run, routing: Routing) -> list[Step]:
     for scope_id in touched:
         fanin = FanIn.objects.select_for_update().get(fanout_step_id=scope_id)
         fanin.pending += deltas.get(scope_id, 0)
-        fanin.save(update_fields=["pending"])
+        if failed and scope_id == step.scope:
+            fanin.failed += 1
+        fanin.save(update_fields=["pending", "failed"])
         FanInArrival.objects.bulk_create(
             FanInArrival(tenant_id=run.tenant_id, fanin=fanin, event_id=event_id)
             for event_id in routing.arrivals.get(scope_id, [])
@@ -131,62 +148,100 @@ def _move_fanins(step: Step, run: Run, routing: Routing) -> list[Step]:
         if fanin.pending == 0:
             settled.append(scope_id)
     fired: list[Step] = []
+    run_failures = 0
     for scope_id in settled:
-        fired += _close(FanIn.objects.select_for_update().get(fanout_step_id=scope_id), run)
-    return fired
+        steps, failures = _close(
+            FanIn.objects.select_for_update().get(fanout_step_id=scope_id), run
+        )
+        fired += steps
+        run_failures += failures
+    return fired, run_failures
 
 
-def _close(fanin: FanIn, run: Run) -> list[Step]:
-    """Every item of a fan-out has settled. With a collect, the collect step takes all that
-    arrived and inherits the fan-out's unit in the outer scope; without one, the unit is
-    given back to the outer scope, which may settle in turn."""
-    if fanin.fired:
-        return []
-    fanin.fired = True
-    fanin.save(update_fields=["fired"])
-    if fanin.collect_node_id:
-        node = run.nodes[fanin.collect_node_id]
+def _close(fanin: FanIn, run: Run) -> tuple[list[Step], int]:
+    """Every item of a fan-out has settled. A collect step takes all that arrived and
+    inherits the fan-out's unit in the outer scope, unless items failed and its policy is
+    to fail the run. Otherwise the unit (and the failure, if any) goes back to the outer
+    scope, which may settle in turn, or to the run at the top."""
+    if fanin.closed:
+        return [], 0
+    collect = run.nodes[fanin.collect_node_id] if fanin.collect_node_id else None
+    if collect is not None and (not fanin.failed or collects_failures(collect["config"])):
         arrived = list(fanin.arrivals.order_by("id").values_list("event_id", flat=True))
-        return [new_step(run, node, arrived, fanin.parent_scopes)]
+        step = new_step(run, collect, arrived, fanin.parent_scopes)
+        fanin.closed, fanin.collect_step_id = FanInClosed.COLLECTED, step.id
+        fanin.failures = failures_in(fanin) if fanin.failed else []
+        fanin.save(update_fields=["closed", "collect_step", "failures"])
+        return [step], 0
+    failed = 1 if fanin.failed else 0
+    fanin.closed = FanInClosed.FAILED if failed else FanInClosed.PASSED
+    fanin.save(update_fields=["closed"])
     if not fanin.parent_scopes:
-        return []
+        return [], failed
     parent = FanIn.objects.select_for_update().get(fanout_step_id=UUID(fanin.parent_scopes[-1][0]))
     parent.pending -= 1
-    parent.save(update_fields=["pending"])
-    return _close(parent, run) if parent.pending == 0 else []
+    parent.failed += failed
+    parent.save(update_fields=["pending", "failed"])
+    return _close(parent, run) if parent.pending == 0 else ([], 0)
 
 
-def _move_open_steps(run: Run, delta: int) -> None:
-    if delta == 0:
+FAILED_STEP = Q(status=StepStatus.DEAD) | Q(status=StepStatus.SKIPPED, skip_reason=DEADLINE)
+
+
+def failures_in(fanin: FanIn) -> list[dict[str, Any]]:
+    """The items of a fan-out that failed: its dead or expired steps, and inner fan-outs
+    that closed failed, by item index."""
+    scope = fanin.fanout_step_id
+    failures = [
+        {"index": index, "node": node, "step": str(step_id), "error": error or reason}
+        for step_id, node, index, error, reason in Step.objects.filter(FAILED_STEP, scope=scope)
+        .values_list("id", "node_id", "item_index", "error", "skip_reason")
+        .order_by("item_index")
+    ]
+    for inner in FanIn.objects.filter(fanout_step__scope=scope, closed=FanInClosed.FAILED):
+        failures.append(
+            {
+                "index": inner.fanout_step.item_index,
+                "node": inner.fanout_step.node_id,
+                "step": str(inner.fanout_step_id),
+                "error": f"{inner.failed} of its own items failed",
+            }
+        )
+    return sorted(failures, key=lambda f: (f["index"] is None, f["index"]))
+
+
+def _move_open_steps(run: Run, delta: int, failures: int) -> None:
+    if delta == 0 and failures == 0:
         return  # one step ended and one began: the count cannot have reached zero
     with connection.cursor() as cursor:
-        # One round trip on the run's hot row: move the count and read where it landed.
+        # One round trip on the run's hot row: move the counts and read where they landed.
         cursor.execute(
-            "UPDATE runs_run SET open_steps = open_steps + %s"
-            " WHERE id = %s AND tenant_id = %s RETURNING open_steps, status",
-            [delta, run.id, run.tenant_id],
+            "UPDATE runs_run SET open_steps = open_steps + %s, failures = failures + %s"
+            " WHERE id = %s AND tenant_id = %s RETURNING open_steps, status, failures",
+            [delta, failures, run.id, run.tenant_id],
         )
-        open_steps, status = cursor.fetchone()
+        open_steps, status, run_failures = cursor.fetchone()
     if open_steps == 0 and status in (RunStatus.QUEUED, RunStatus.RUNNING):
-        finish_run(run, from_status=status)
+        finish_run(run, from_status=status, failures=run_failures)
 
 
-def finish_run(run: Run, *, from_status: str) -> None:
-    dead = list(
-        Step.objects.filter(run_id=run.id, status=StepStatus.DEAD).values_list("node_id", "error")[
-            :5
-        ]
-    )
-    if dead:
-        summary = "; ".join(f"{node}: {error}" for node, error in dead)
-        transition_run(
-            run.id,
-            from_=(from_status,),
-            to=RunStatus.FAILED,
-            error=f"dead steps: {summary}",
-            finished_at=timezone.now(),
-        )
-    else:
+def finish_run(run: Run, *, from_status: str, failures: int) -> None:
+    """The last open step settled. Failures a collect absorbed do not fail the run."""
+    if not failures:
         transition_run(
             run.id, from_=(from_status,), to=RunStatus.SUCCEEDED, finished_at=timezone.now()
         )
+        return
+    failed = Step.objects.filter(FAILED_STEP, run_id=run.id)
+    count = failed.count()
+    named = [
+        f"{node}: {error or reason}"
+        for node, error, reason in failed.values_list("node_id", "error", "skip_reason")[:5]
+    ]
+    transition_run(
+        run.id,
+        from_=(from_status,),
+        to=RunStatus.FAILED,
+        error=f"{count} failed step{'' if count == 1 else 's'}: {'; '.join(named)}",
+        finished_at=timezone.now(),
+    )

@@ -19,8 +19,9 @@ from apps.runs.models import (
     Step,
     StepStatus,
 )
+from apps.runs.retries import budget_spent_error, take_retry
 from apps.runs.services import stop_run
-from apps.runs.stepflow import Routing, settle
+from apps.runs.stepflow import DEADLINE, Routing, settle
 from apps.runs.transitions import transition_step
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
@@ -68,16 +69,22 @@ def release_expired_lease(step_id: object) -> int:
             f"attempt {step.attempt}/{step.max_attempts}: worker {step.worker} lost (lease expired)"
         )
         logger.warning("step %s: %s", step.id, lost)
-        if step.attempt >= step.max_attempts:
+        out_of_attempts = step.attempt >= step.max_attempts
+        if out_of_attempts or not take_retry(run.id, run.tenant_id):
+            error = (
+                lost
+                if out_of_attempts
+                else budget_spent_error(step.attempt, step.max_attempts, lost)
+            )
             transition_step(
                 step.id,
                 from_=(StepStatus.RUNNING,),
                 to=StepStatus.DEAD,
-                error=lost,
+                error=error,
                 lease_until=None,
                 finished_at=timezone.now(),
             )
-            settle(step, run, Routing())
+            send_on_commit(settle(step, run, Routing(), failed=True))
             return 1
         transition_step(
             step.id,
@@ -130,5 +137,7 @@ def _overdue_runs() -> int:
     count = 0
     for run in overdue:
         with tenant_context(run.tenant):
-            count += stop_run(run, to=RunStatus.FAILED, reason="deadline passed", actor=None)
+            count += stop_run(
+                run, to=RunStatus.FAILED, reason="deadline passed", skip_reason=DEADLINE, actor=None
+            )
     return count

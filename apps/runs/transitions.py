@@ -15,6 +15,8 @@ RUN_TRANSITIONS: dict[str, set[str]] = {
         RunStatus.CANCELLED,
     },
     RunStatus.RUNNING: {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED},
+    # failed -> running: its dead steps are replayed after a fix (replay.replay_dead_steps).
+    RunStatus.FAILED: {RunStatus.RUNNING},
 }
 
 STEP_TRANSITIONS: dict[str, set[str]] = {
@@ -28,6 +30,8 @@ STEP_TRANSITIONS: dict[str, set[str]] = {
         StepStatus.SKIPPED,
         StepStatus.QUEUED,
     },
+    # dead -> queued: replayed after a fix, with fresh attempts.
+    StepStatus.DEAD: {StepStatus.QUEUED},
 }
 
 

@@ -1,11 +1,10 @@
 """Writing what a step produced, inside the step's commit transaction."""
 
-import hashlib
-import json
 from typing import Any
 
 from django.utils import timezone
 
+from apps.runs.effects import digest, effect_key
 from apps.runs.models import Effect, EffectStatus, Event, ResultRow, Run, Step, Usage
 from workers.operators.base import StepResult
 
@@ -48,10 +47,6 @@ def write_outputs(step: Step, run: Run, result: StepResult, *, opens_scope: bool
     return events
 
 
-def digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def write_table_row(step: Step, run: Run, table: str, row: dict[str, Any]) -> None:
     """The row and its ledger entry commit with the step: both exist once or not at all."""
     result_row = ResultRow.objects.create(
@@ -59,7 +54,7 @@ def write_table_row(step: Step, run: Run, table: str, row: dict[str, Any]) -> No
     )
     Effect.objects.create(
         tenant_id=run.tenant_id,
-        key=f"{step.id}:sink.table:{table}",
+        key=effect_key(run.id, step.node_id, step.inputs, f"sink.table:{table}"),
         step=step,
         kind="sink.table",
         request_digest=digest(row),

@@ -3,6 +3,7 @@ import secrets
 from typing import Any, ClassVar
 
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
 from apps.tenants.context import current_tenant
@@ -11,6 +12,9 @@ from apps.tenants.context import current_tenant
 class Tenant(models.Model):
     slug = models.SlugField(max_length=63, unique=True)
     name = models.CharField(max_length=200)
+    # Hosts that tool.http and sink.webhook may call although they resolve to private,
+    # loopback or link-local addresses (an internal service the tenant owns). Exact names.
+    outbound_allowlist = ArrayField(models.CharField(max_length=253), default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

@@ -76,5 +76,5 @@ def test_a_step_out_of_attempts_is_dead_and_the_run_fails(
         gen = Step.objects.get(run=run, node_id="gen")
         assert (gen.status, gen.attempt) == (StepStatus.DEAD, 2)
         assert gen.error.startswith("attempt 2/2: EngineUnavailable")
-        assert run.error.startswith("dead steps: gen: attempt 2/2")
+        assert run.error.startswith("1 failed step: gen: attempt 2/2")
         assert not Step.objects.filter(run=run, node_id="store").exists()

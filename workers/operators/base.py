@@ -55,6 +55,15 @@ class StepResult:
     usage: UsageRecord | None = None
 
 
+# perform_effect(name, request, call): runs call(idempotency_key) through the effect ledger,
+# at most once to completion across every attempt of the step; returns the recorded result.
+EffectRunner = Callable[[str, JSON, Callable[[str], JSON]], JSON]
+
+
+def no_effects(name: str, request: JSON, call: Callable[[str], JSON]) -> JSON:
+    raise RuntimeError("this step context has no effect ledger")
+
+
 @dataclass(frozen=True)
 class StepContext:
     run_id: str
@@ -63,8 +72,14 @@ class StepContext:
     config: JSON
     attempt: int
     max_fanout: int
-    # Extends the lease; raises StepCancelled or LeaseLost. Cheap to call often.
+    # Raises StepCancelled (run cancelled, a deadline passed) or LeaseLost. Cheap to call
+    # often; the lease itself is renewed in the background.
     heartbeat: Callable[[], None]
+    perform_effect: EffectRunner = no_effects
+    # Hosts this tenant lets outbound HTTP reach although they resolve to private addresses.
+    outbound_allowlist: frozenset[str] = frozenset()
+    # For a collect: the items of its fan-out that failed, when its policy collects anyway.
+    failures: tuple[JSON, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from workers.operators.base import (
 )
 from workers.operators.templating import render, syntax_error
 
+# A collect's policies for failed items (see Collect.config_schema).
+FAIL_RUN, COLLECT_SUCCEEDED = "fail_run", "collect_succeeded"
 FIELD_NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}(?!\\n)$"}
 
 
@@ -153,7 +155,13 @@ class Collect(Operator):
         "type": "object",
         "additionalProperties": False,
         "required": ["by"],
-        "properties": {"by": {"type": "string"}},
+        "properties": {
+            "by": {"type": "string"},
+            # When items of the fan-out fail (dead, or past their deadline): "fail_run" does
+            # not collect and fails the run; "collect_succeeded" collects the rest and lists
+            # the failures in the output.
+            "on_item_failure": {"enum": [FAIL_RUN, COLLECT_SUCCEEDED]},
+        },
     }
 
     def check(
@@ -169,7 +177,14 @@ class Collect(Operator):
     def run(self, ctx: StepContext, inputs: list[InputEvent]) -> StepResult:
         ordered = sorted(inputs, key=lambda event: event.order)
         items = [event.payload for event in ordered]
-        return StepResult(outputs=[Output({"items": items, "count": len(items)})])
+        output: JSON = {"items": items, "count": len(items)}
+        if collects_failures(ctx.config):
+            output["failures"] = list(ctx.failures)
+        return StepResult(outputs=[Output(output)])
+
+
+def collects_failures(config: JSON) -> bool:
+    return config.get("on_item_failure", FAIL_RUN) == COLLECT_SUCCEEDED
 
 
 def ancestors(node_id: str, parents: dict[str, set[str]]) -> set[str]:

@@ -1,0 +1,48 @@
+"""When a failed attempt is tried again: the node's exponential backoff with jitter, and the
+run's retry budget, so a failing dependency cannot multiply the load on itself."""
+
+import random
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import connection
+
+from apps.graphs.validation import node_backoff_s
+
+MAX_BACKOFF_S = 300.0
+
+
+def retry_delay_s(node: dict[str, Any], attempt: int) -> float:
+    """backoff_s * 2^(attempt-1), capped, then a random half of it taken off ("equal
+    jitter"), so items that failed together do not all come back at the same instant."""
+    delay = min(node_backoff_s(node) * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def take_retry(run_id: UUID, tenant_id: int) -> bool:
+    """Spends one retry from the run's budget; False when it is spent. The budget grows with
+    the run: SLUICE_RETRY_BUDGET_RATIO of its steps plus SLUICE_RETRY_BUDGET_MIN."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE runs_run SET retries = retries + 1"
+            " WHERE id = %s AND tenant_id = %s AND retries <"
+            " (SELECT count(*) FROM runs_step WHERE run_id = %s) * %s + %s"
+            " RETURNING retries",
+            [
+                run_id,
+                tenant_id,
+                run_id,
+                settings.SLUICE_RETRY_BUDGET_RATIO,
+                settings.SLUICE_RETRY_BUDGET_MIN,
+            ],
+        )
+        return cursor.fetchone() is not None
+
+
+def budget_spent_error(attempt: int, most: int, error: str) -> str:
+    return (
+        f"attempt {attempt}/{most}: {error}; not retried: the run's retry budget is spent"
+        f" ({settings.SLUICE_RETRY_BUDGET_RATIO:.0%} of its steps"
+        f" + {settings.SLUICE_RETRY_BUDGET_MIN})"
+    )
