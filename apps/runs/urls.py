@@ -6,4 +6,5 @@ app_name = "runs"
 urlpatterns = [
     path("<uuid:run_id>/", views.run_detail, name="detail"),
     path("<uuid:run_id>/cancel/", views.cancel, name="cancel"),
+    path("<uuid:run_id>/replay/", views.replay, name="replay"),
 ]

@@ -11,7 +11,7 @@ from uuid import UUID
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.db.models import Count, Sum
+from django.db.models import Count, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
@@ -19,7 +19,8 @@ from django.views.decorators.http import require_GET, require_POST
 
 from apps.graphs.forms import pretty_json
 from apps.runs.access import run_by_id
-from apps.runs.models import Event, ResultRow, Run, Step, Usage
+from apps.runs.models import Event, ResultRow, Run, Step, StepStatus, Usage
+from apps.runs.replay import ReplayRefused, replay_dead_steps, replayable_reason
 from apps.runs.services import cancel_run
 from apps.tenants.access import membership_of, require_role, tenant_member_required
 from apps.tenants.models import Role
@@ -28,6 +29,7 @@ STEPS_PER_PAGE = 200
 OUTPUT_PREVIEW_CHARS = 2000
 INPUT_PREVIEW_CHARS = 20_000
 ROWS_PER_TABLE = 100
+DEAD_STEPS_SHOWN = 50
 
 
 def format_seconds(seconds: float) -> str:
@@ -141,6 +143,20 @@ def _usage(run: Run) -> UsageSummary | None:
     )
 
 
+def _dead_steps(request: HttpRequest, run: Run, steps: QuerySet[Step]) -> dict[str, object]:
+    dead = steps.filter(status=StepStatus.DEAD)
+    count = dead.count()
+    if not count:
+        return {"dead_steps": [], "dead_count": 0}
+    blocked = replayable_reason(run)
+    return {
+        "dead_steps": list(dead[:DEAD_STEPS_SHOWN]),
+        "dead_count": count,
+        "can_replay": blocked is None and membership_of(request).allows(Role.OPERATOR),
+        "replay_blocked": blocked,
+    }
+
+
 @require_GET
 @tenant_member_required
 def run_detail(request: HttpRequest, run_id: UUID) -> HttpResponse:
@@ -159,6 +175,7 @@ def run_detail(request: HttpRequest, run_id: UUID) -> HttpResponse:
         "tables": _result_tables(run),
         "usage": _usage(run),
         "can_cancel": run.is_active and membership_of(request).allows(Role.OPERATOR),
+        **_dead_steps(request, run, steps),
     }
     return render(request, "runs/detail.html", context)
 
@@ -172,4 +189,18 @@ def cancel(request: HttpRequest, run_id: UUID) -> HttpResponse:
         messages.success(request, "Run cancelled")
     else:
         messages.info(request, "Run had already finished")
+    return redirect("runs:detail", run_id=run.id)
+
+
+@require_POST
+@tenant_member_required
+def replay(request: HttpRequest, run_id: UUID) -> HttpResponse:
+    require_role(request, Role.OPERATOR)
+    run = run_by_id(run_id)
+    try:
+        count = replay_dead_steps(run, actor=request.user)
+    except ReplayRefused as exc:
+        messages.error(request, f"Not replayed: {exc}")
+    else:
+        messages.success(request, f"Replaying {count} dead step{'' if count == 1 else 's'}")
     return redirect("runs:detail", run_id=run.id)
