@@ -3,9 +3,9 @@
 import argparse
 import sys
 
-from bench import chain
+from bench import chain, overhead
 
-BENCHMARKS = {"chain": chain.main}
+BENCHMARKS = {"chain": chain.main, "overhead": overhead.main}
 
 
 def main() -> int:

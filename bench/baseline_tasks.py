@@ -28,3 +28,16 @@ def fan_item(key: str) -> None:
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.incr(key)
     client.set(f"{key}:at", repr(time.time()))
+
+
+@shared_task(name="bench.noop", ignore_result=True, acks_late=True)
+def noop(key: str | None = None) -> None:
+    """A link of a bare Celery chain; the last link (given a key) records when it ended:
+    a counter, and its time in a list whose largest entry is the last completion."""
+    if key is None:
+        return
+    at = repr(time.time())
+    with redis.Redis.from_url(settings.REDIS_URL).pipeline() as pipe:
+        pipe.incr(key)
+        pipe.rpush(f"{key}:at", at)
+        pipe.execute()

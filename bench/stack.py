@@ -35,8 +35,10 @@ def services(name: str) -> Iterator[Path]:
 
 
 @contextmanager
-def worker(root: Path, name: str, queues: list[str], extra: list[str]) -> Iterator[None]:
-    argv = processes.worker_argv(queues, name, pool="prefork", concurrency=2) + extra
+def worker(
+    root: Path, name: str, queues: list[str], extra: list[str], *, concurrency: int = 2
+) -> Iterator[None]:
+    argv = processes.worker_argv(queues, name, pool="prefork", concurrency=concurrency) + extra
     log = root / f"{name}.log"
     proc = processes.spawn(argv, env=dict(os.environ), log_path=log)
     try:

@@ -99,7 +99,7 @@ def test_fail_run_does_not_collect_and_a_replay_after_the_fix_completes_the_run(
 
 
 def test_replay_refuses_a_run_without_dead_steps(world: World, platform: object) -> None:
-    spec = {"nodes": [{"id": "in", "type": "source.manual"}], "edges": []}
+    spec: dict[str, object] = {"nodes": [{"id": "in", "type": "source.manual"}], "edges": []}
     graph = world.graph("fine", spec)
     with tenant_context(world.acme):
         run = wait_for_run(start_run(version=graph.live_version(), payload={}, actor=world.owner))
