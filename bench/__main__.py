@@ -3,9 +3,9 @@
 import argparse
 import sys
 
-from bench import chain, overhead
+from bench import chain, chaos, overhead
 
-BENCHMARKS = {"chain": chain.main, "overhead": overhead.main}
+BENCHMARKS = {"chain": chain.main, "overhead": overhead.main, "chaos": chaos.main}
 
 
 def main() -> int:

@@ -3,6 +3,7 @@ embedded PostgreSQL and Redis, migrations, and real Celery worker processes."""
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,19 +35,42 @@ def services(name: str) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def start_worker(
+    root: Path, name: str, queues: list[str], extra: list[str], *, concurrency: int = 2
+) -> subprocess.Popen[bytes]:
+    """A prefork worker, returned once it says it is ready."""
+    argv = processes.worker_argv(queues, name, pool="prefork", concurrency=concurrency) + extra
+    log = root / f"{name}.log"
+    proc = processes.spawn(argv, env=dict(os.environ), log_path=log)
+    deadline = time.monotonic() + 60
+    while " ready." not in (log.read_text() if log.exists() else ""):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            processes.stop_all([proc])
+            raise RuntimeError(f"worker {name} did not start; see {log}")
+        time.sleep(0.1)
+    return proc
+
+
 @contextmanager
 def worker(
     root: Path, name: str, queues: list[str], extra: list[str], *, concurrency: int = 2
 ) -> Iterator[None]:
-    argv = processes.worker_argv(queues, name, pool="prefork", concurrency=concurrency) + extra
-    log = root / f"{name}.log"
-    proc = processes.spawn(argv, env=dict(os.environ), log_path=log)
+    proc = start_worker(root, name, queues, extra, concurrency=concurrency)
     try:
-        deadline = time.monotonic() + 60
-        while " ready." not in (log.read_text() if log.exists() else ""):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"worker {name} did not start; see {log}")
-            time.sleep(0.1)
+        yield
+    finally:
+        processes.stop_all([proc])
+
+
+@contextmanager
+def beat(root: Path) -> Iterator[None]:
+    """The sweeper's clock: expired leases are found only while beat runs."""
+    proc = processes.spawn(
+        processes.beat_argv(root / "celerybeat-schedule"),
+        env=dict(os.environ),
+        log_path=root / "beat.log",
+    )
+    try:
         yield
     finally:
         processes.stop_all([proc])
