@@ -55,6 +55,9 @@ class Claimed:
     token: UUID
     started: float
     operator_ms: float = 0.0
+    # The input events, when the claim already has them (a step claimed inline by the
+    # commit that produced its input): saves a query and a commit per step.
+    events: list[Event] | None = None
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,10 @@ class Heartbeat:
 
 def run_operator(claim: Claimed) -> StepResult:
     step, node = claim.step, claim.node
-    by_id = {event.id: event for event in Event.objects.filter(id__in=claim.step.inputs)}
+    events = claim.events
+    if events is None:
+        events = list(Event.objects.filter(id__in=step.inputs))
+    by_id = {event.id: event for event in events}
     collected = claim.node.get("config", {}).get("by") if claim.node["type"] == "collect" else None
     inputs = [
         InputEvent(str(e.id), e.payload, item_order(e.scopes, collected))
@@ -273,6 +279,8 @@ def commit_step(
             open_fanin(step, run, routing)
         routing.route(step, run, events)
         inline = _claim_inline(routing, run, step.worker, inline_queue)
+        if inline is not None:
+            inline.events = [e for e in events if e.id in inline.step.inputs]
         usage = result.usage
         messages = _end(
             step,

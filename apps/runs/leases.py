@@ -51,12 +51,21 @@ class LeaseKeeper:
     def _loop(self) -> None:
         interval = settings.SLUICE_STEP_LEASE_S / 4
         stop = threading.Event()
-        while not stop.wait(interval):
-            try:
-                self.renew()
-            except Exception:
-                logger.exception("lease renewal failed; will try again")
-                connection.close()  # a broken connection is replaced on the next try
+        try:
+            while not stop.wait(interval):
+                try:
+                    self.renew()
+                except Exception:
+                    logger.exception("lease renewal failed; will try again")
+                    connection.close()  # a broken connection is replaced on the next try
+                with self._lock:
+                    if not self._held:
+                        # Idle: end the thread, so an idle process holds no extra database
+                        # connection; the next hold() starts a new one.
+                        self._thread = None
+                        return
+        finally:
+            connection.close()
 
     def renew(self) -> None:
         with self._lock:

@@ -28,7 +28,7 @@ class TenantScopedManager(models.Manager[Any]):
     """
 
     def get_queryset(self) -> models.QuerySet[Any]:
-        return super().get_queryset().filter(tenant=current_tenant())
+        return super().get_queryset().filter(tenant_id=current_tenant().pk)
 
 
 class TenantModel(models.Model):

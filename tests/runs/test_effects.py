@@ -136,3 +136,26 @@ def test_the_retry_budget_caps_calls_to_a_failing_dependency(
         assert spent.count() >= items - budget
     # Without the budget a dead dependency would have taken items * 10 calls.
     assert service.requests <= items + budget
+
+
+def test_a_call_longer_than_the_lease_keeps_its_lease_and_runs_once(
+    world: World, platform: object
+) -> None:
+    allow_loopback(world)
+    # The test lease is 3 s: without renewal the sweeper would hand the step to another
+    # worker mid-call.
+    with EffectService(delay_s=4.5) as slow:
+        spec = {
+            "nodes": [
+                {"id": "in", "type": "source.manual"},
+                {"id": "call", "type": "tool.http", "config": {"url": slow.url + "/ok"}},
+            ],
+            "edges": [["in", "call"]],
+        }
+        run = run_to_end(world, spec, {"n": 1})
+        with tenant_context(world.acme):
+            assert run.status == RunStatus.SUCCEEDED, run.error
+            call = Step.objects.get(run=run, node_id="call")
+            assert call.attempt == 1 and call.error == ""
+            assert Effect.objects.get(step=call).calls == 1
+        assert slow.requests == 1
