@@ -6,6 +6,12 @@ from uuid import UUID
 
 from django.db import transaction
 
+# Broker priorities (on Redis, a lower number is served first). A step re-queued because its
+# worker died has already waited a whole lease: it goes ahead of the backlog (a fan-out's
+# thousands of messages) instead of behind it.
+NORMAL_PRIORITY = 3
+RECOVERY_PRIORITY = 0
+
 
 @dataclass(frozen=True)
 class StepMessage:
@@ -13,6 +19,7 @@ class StepMessage:
     step_id: UUID
     queue: str
     countdown_s: float = 0.0
+    priority: int = NORMAL_PRIORITY
 
 
 def send_now(message: StepMessage) -> None:
@@ -22,6 +29,7 @@ def send_now(message: StepMessage) -> None:
         args=(message.tenant_id, str(message.step_id)),
         queue=message.queue,
         countdown=message.countdown_s,
+        priority=message.priority,
     )
 
 

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from apps.runs.dispatch import StepMessage, send_now, send_on_commit
+from apps.runs.dispatch import RECOVERY_PRIORITY, StepMessage, send_now, send_on_commit
 from apps.runs.models import (
     ACTIVE_RUN_STATUSES,
     CLAIMABLE_STEP_STATUSES,
@@ -95,7 +95,9 @@ def release_expired_lease(step_id: object) -> int:
             lease_token=None,
             enqueued_at=timezone.now(),
         )
-        send_on_commit([StepMessage(step.tenant_id, step.id, step.queue)])
+        send_on_commit(
+            [StepMessage(step.tenant_id, step.id, step.queue, priority=RECOVERY_PRIORITY)]
+        )
     return 1
 
 
@@ -112,7 +114,7 @@ def _lost_messages() -> int:
     drained = {queue for queue in {c[2] for c in candidates} if broker_queue_depth(queue) == 0}
     resent = [c for c in candidates if c[2] in drained]
     for tenant_id, step_id, queue in resent:
-        send_now(StepMessage(tenant_id, step_id, queue))
+        send_now(StepMessage(tenant_id, step_id, queue, priority=RECOVERY_PRIORITY))
     Step.unscoped_all_tenants.filter(id__in=[r[1] for r in resent]).update(enqueued_at=now)
     return len(resent)
 
