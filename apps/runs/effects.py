@@ -83,7 +83,7 @@ def _begin(step: Step, token: UUID, key: str, name: str, request_digest: str) ->
                 f"effect {name!r} was first attempted with a different request; an effect's"
                 " request must be the same on every attempt (is the template time-dependent?)"
             )
-        Effect.objects.filter(pk=effect.pk).update(calls=F("calls") + 1, step=step)
+        Effect.objects.filter(pk=effect.pk).update(calls=F("calls") + 1)
     return effect
 
 

@@ -28,8 +28,8 @@ from apps.runs.models import (
     Step,
     StepStatus,
 )
-from apps.runs.retries import budget_spent_error, retry_delay_s, take_retry
-from apps.runs.services import stop_run
+from apps.runs.retries import give_up_reason, retry_delay_s
+from apps.runs.services import expire_run
 from apps.runs.stepflow import DEADLINE, Routing, open_fanin, scope_entry, settle
 from apps.runs.transitions import transition_run, transition_step
 from apps.runs.writes import write_outputs
@@ -74,7 +74,7 @@ def execute(step_id: UUID, worker: str, *, inline_queue: str | None) -> Claimed 
     new downstream step on that queue for this worker; it is returned to be run next."""
     claim = claim_step(step_id, worker)
     if isinstance(claim, Overdue):
-        expire(claim.run)
+        expire_run(claim.run)
         return None
     if claim is None:
         return None
@@ -89,12 +89,11 @@ def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
         return commit_step(claim, result, inline_queue=inline_queue)
     except StepDeadlinePassed:
         end_running_step(claim, StepStatus.SKIPPED, skip_reason=DEADLINE, failed=True)
+    except DeadlinePassed:
+        expire_run(claim.run)  # first, so the run ends failed rather than succeeded
+        end_running_step(claim, StepStatus.SKIPPED, skip_reason=DEADLINE)
     except StepCancelled as exc:
-        if isinstance(exc, DeadlinePassed):
-            expire(claim.run)  # first, so the run ends failed rather than succeeded
-            end_running_step(claim, StepStatus.SKIPPED, skip_reason=DEADLINE)
-        else:
-            end_running_step(claim, StepStatus.SKIPPED, skip_reason=f"{exc} while running")
+        end_running_step(claim, StepStatus.SKIPPED, skip_reason=f"{exc} while running")
     except LeaseLost:
         logger.warning("step %s: lease lost to another worker; its results are dropped", step_id)
     except PermanentError as exc:
@@ -113,10 +112,6 @@ class DeadlinePassed(StepCancelled):
 
 class StepDeadlinePassed(StepCancelled):
     """The node's ttl_s ran out for this step: it fails, the run goes on."""
-
-
-def expire(run: Run) -> None:
-    stop_run(run, to=RunStatus.FAILED, reason="deadline passed", skip_reason=DEADLINE, actor=None)
 
 
 def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
@@ -352,19 +347,12 @@ def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
     """Dead-letter the step after a permanent error, its last attempt, or when the run's
     retry budget is spent; else retry later with backoff and jitter."""
     attempt, most = claim.step.attempt, claim.step.max_attempts
-    label = f"attempt {attempt}/{most}: {error}"
-    if permanent or attempt >= most:
+    dead = give_up_reason(
+        claim.run.id, claim.run.tenant_id, attempt, most, error, permanent=permanent
+    )
+    if dead is not None:
         end_running_step(
-            claim, StepStatus.DEAD, error=label, failed=True, operator_ms=claim.operator_ms
-        )
-        return
-    if not take_retry(claim.run.id, claim.run.tenant_id):
-        end_running_step(
-            claim,
-            StepStatus.DEAD,
-            error=budget_spent_error(attempt, most, error),
-            failed=True,
-            operator_ms=claim.operator_ms,
+            claim, StepStatus.DEAD, error=dead, failed=True, operator_ms=claim.operator_ms
         )
         return
     delay = retry_delay_s(claim.node, attempt)
@@ -376,7 +364,7 @@ def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
             to=StepStatus.FAILED,
             holding_lease=claim.token,
             lease_until=None,
-            error=label,
+            error=f"attempt {attempt}/{most}: {error}",
             not_before=now + timedelta(seconds=delay),
             enqueued_at=now,
         )

@@ -101,6 +101,7 @@ def _take_back_failure(step: Step) -> int:
 
 
 def _requeue(step: Step, run: Run) -> None:
+    # What a newly created step of this node would get: attempts, deadline, enqueue time.
     fresh = new_step(run, run.nodes[step.node_id], step.inputs, step.scopes)
     transition_step(
         step.id,

@@ -20,6 +20,23 @@ def retry_delay_s(node: dict[str, Any], attempt: int) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
+def give_up_reason(
+    run_id: UUID, tenant_id: int, attempt: int, most: int, error: str, *, permanent: bool = False
+) -> str | None:
+    """The error to dead-letter a failed attempt with, or None when it may be retried (one
+    retry is then taken from the run's budget). Workers and the sweeper decide alike."""
+    label = f"attempt {attempt}/{most}: {error}"
+    if permanent or attempt >= most:
+        return label
+    if not take_retry(run_id, tenant_id):
+        return (
+            f"{label}; not retried: the run's retry budget is spent"
+            f" ({settings.SLUICE_RETRY_BUDGET_RATIO:.0%} of its steps"
+            f" + {settings.SLUICE_RETRY_BUDGET_MIN})"
+        )
+    return None
+
+
 def take_retry(run_id: UUID, tenant_id: int) -> bool:
     """Spends one retry from the run's budget; False when it is spent. The budget grows with
     the run: SLUICE_RETRY_BUDGET_RATIO of its steps plus SLUICE_RETRY_BUDGET_MIN."""
@@ -38,11 +55,3 @@ def take_retry(run_id: UUID, tenant_id: int) -> bool:
             ],
         )
         return cursor.fetchone() is not None
-
-
-def budget_spent_error(attempt: int, most: int, error: str) -> str:
-    return (
-        f"attempt {attempt}/{most}: {error}; not retried: the run's retry budget is spent"
-        f" ({settings.SLUICE_RETRY_BUDGET_RATIO:.0%} of its steps"
-        f" + {settings.SLUICE_RETRY_BUDGET_MIN})"
-    )

@@ -15,8 +15,16 @@ from apps.audit.services import Actor, actor_label, record
 from apps.graphs.models import GraphVersion
 from apps.graphs.validation import source_node
 from apps.runs.dispatch import StepMessage, send_on_commit
-from apps.runs.models import ACTIVE_RUN_STATUSES, CLAIMABLE_STEP_STATUSES, Event, Run, RunKind, Step
-from apps.runs.stepflow import new_step
+from apps.runs.models import (
+    ACTIVE_RUN_STATUSES,
+    CLAIMABLE_STEP_STATUSES,
+    Event,
+    Run,
+    RunKind,
+    RunStatus,
+    Step,
+)
+from apps.runs.stepflow import DEADLINE, new_step
 from apps.runs.transitions import skip_waiting_steps, transition_run
 
 MAX_INPUT_BYTES = 1024 * 1024
@@ -115,6 +123,13 @@ def skip_waiting(run: Run, reason: str) -> None:
         )
         skipped = skip_waiting_steps(waiting, reason=reason, finished_at=timezone.now())
         Run.objects.filter(id=run.id).update(open_steps=F("open_steps") - skipped)
+
+
+def expire_run(run: Run) -> bool:
+    """The run's deadline passed: it fails, and its waiting steps are skipped as `deadline`."""
+    return stop_run(
+        run, to=RunStatus.FAILED, reason="deadline passed", skip_reason=DEADLINE, actor=None
+    )
 
 
 def cancel_run(run: Run, *, actor: Actor) -> bool:

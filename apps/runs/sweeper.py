@@ -15,13 +15,12 @@ from apps.runs.models import (
     ACTIVE_RUN_STATUSES,
     CLAIMABLE_STEP_STATUSES,
     Run,
-    RunStatus,
     Step,
     StepStatus,
 )
-from apps.runs.retries import budget_spent_error, take_retry
-from apps.runs.services import stop_run
-from apps.runs.stepflow import DEADLINE, Routing, settle
+from apps.runs.retries import give_up_reason
+from apps.runs.services import expire_run
+from apps.runs.stepflow import Routing, settle
 from apps.runs.transitions import transition_step
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
@@ -65,22 +64,15 @@ def release_expired_lease(step_id: object) -> int:
         if step is None:
             return 0
         run = Run.objects.defer("input").get(id=step.run_id)
-        lost = (
-            f"attempt {step.attempt}/{step.max_attempts}: worker {step.worker} lost (lease expired)"
-        )
-        logger.warning("step %s: %s", step.id, lost)
-        out_of_attempts = step.attempt >= step.max_attempts
-        if out_of_attempts or not take_retry(run.id, run.tenant_id):
-            error = (
-                lost
-                if out_of_attempts
-                else budget_spent_error(step.attempt, step.max_attempts, lost)
-            )
+        lost = f"worker {step.worker} lost (lease expired)"
+        logger.warning("step %s: attempt %s: %s", step.id, step.attempt, lost)
+        dead = give_up_reason(run.id, run.tenant_id, step.attempt, step.max_attempts, lost)
+        if dead is not None:
             transition_step(
                 step.id,
                 from_=(StepStatus.RUNNING,),
                 to=StepStatus.DEAD,
-                error=error,
+                error=dead,
                 lease_until=None,
                 finished_at=timezone.now(),
             )
@@ -90,7 +82,7 @@ def release_expired_lease(step_id: object) -> int:
             step.id,
             from_=(StepStatus.RUNNING,),
             to=StepStatus.QUEUED,
-            error=lost,
+            error=f"attempt {step.attempt}/{step.max_attempts}: {lost}",
             lease_until=None,
             lease_token=None,
             enqueued_at=timezone.now(),
@@ -139,7 +131,5 @@ def _overdue_runs() -> int:
     count = 0
     for run in overdue:
         with tenant_context(run.tenant):
-            count += stop_run(
-                run, to=RunStatus.FAILED, reason="deadline passed", skip_reason=DEADLINE, actor=None
-            )
+            count += expire_run(run)
     return count

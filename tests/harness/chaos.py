@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from django.utils import timezone
+
 from apps.graphs.models import GraphVersion
 from apps.runs.models import Effect, ResultRow, Run, Step, StepStatus
 from apps.runs.services import start_run
@@ -130,7 +132,7 @@ def run_chaos(
 
 
 def _affected_by(run: Run, worker: str) -> Kill:
-    kill = Kill(at=_now(), worker=worker)
+    kill = Kill(at=timezone.now(), worker=worker)
     with tenant_context(run.tenant):
         running = Step.objects.filter(
             run=run, status=StepStatus.RUNNING, worker__startswith=f"{worker}@"
@@ -139,12 +141,6 @@ def _affected_by(run: Run, worker: str) -> Kill:
             str(step_id): attempt for step_id, attempt in running.values_list("id", "attempt")
         }
     return kill
-
-
-def _now() -> datetime:
-    from django.utils import timezone
-
-    return timezone.now()
 
 
 def _report(run: Run, items: int, kills: list[Kill], service: EffectService) -> ChaosReport:

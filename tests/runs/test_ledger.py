@@ -1,6 +1,6 @@
 """The effect ledger on its own, against PostgreSQL: a completed effect is never called
 again, an unknown outcome is called again with the same key, and a worker without the lease
-cannot call out. Also the retry delay's jitter bounds."""
+cannot call out. Also the retry delay's jitter bounds and the retry budget's decision."""
 
 from typing import Any
 from uuid import uuid4
@@ -9,7 +9,7 @@ import pytest
 
 from apps.runs import effects
 from apps.runs.models import Effect, EffectStatus, Step, StepStatus
-from apps.runs.retries import retry_delay_s
+from apps.runs.retries import give_up_reason, retry_delay_s
 from apps.runs.services import start_run
 from apps.runs.transitions import transition_step
 from apps.tenants.context import tenant_context
@@ -121,3 +121,20 @@ def test_retry_delays_grow_exponentially_with_jitter() -> None:
         delays = [retry_delay_s(node, attempt_number) for _ in range(200)]
         assert all(full / 2 <= d <= full for d in delays)
         assert len(set(delays)) > 100  # spread out, not one instant
+
+
+def test_the_retry_budget_decides_between_retrying_and_dead_lettering(
+    world: World, step: Step, settings: Any
+) -> None:
+    settings.SLUICE_RETRY_BUDGET_RATIO = 0.0
+    settings.SLUICE_RETRY_BUDGET_MIN = 1
+    run_id, tenant_id = step.run_id, step.tenant_id
+    with tenant_context(world.acme):
+        assert give_up_reason(run_id, tenant_id, 1, 3, "boom", permanent=True) == (
+            "attempt 1/3: boom"
+        )
+        assert give_up_reason(run_id, tenant_id, 3, 3, "boom") == "attempt 3/3: boom"
+        assert give_up_reason(run_id, tenant_id, 1, 3, "boom") is None  # the one retry
+        assert give_up_reason(run_id, tenant_id, 2, 3, "boom") == (
+            "attempt 2/3: boom; not retried: the run's retry budget is spent (0% of its steps + 1)"
+        )

@@ -46,8 +46,8 @@ class HttpOperator(Operator):
         problem = syntax_error(config["url"])
         if problem:
             return [SpecIssue("url", problem)]
-        rendered = config["url"].split("{{")[0]
-        if not rendered.startswith(("http://", "https://")):
+        literal_start = config["url"].split("{{")[0]
+        if not literal_start.startswith(("http://", "https://")):
             return [SpecIssue("url", "must start with http:// or https://")]
         return []
 
