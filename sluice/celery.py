@@ -1,8 +1,10 @@
 """The Celery app. Workers run `celery -A sluice worker -Q <queue>` (see sluice/processes.py)."""
 
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_after_setup
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sluice.settings")
 
@@ -24,3 +26,17 @@ def _schedule_sweeper(sender: Celery, **_: object) -> None:
         name="sweep expired leases and lost messages",
         options={"queue": CONTROL_QUEUE, "expires": settings.SLUICE_SWEEP_INTERVAL_S * 2},
     )
+
+
+@celeryd_after_setup.connect
+def _add_model_pools(sender: str, instance: Any, **_: object) -> None:
+    """A worker started on the `gpu` queue serves every model pool (`gpu.<model>`) in the
+    registry, which is what one machine needs. On a cluster, start one worker per model
+    with `-Q gpu.<model>` instead, so each GPU holds one engine."""
+    from workers.inference.registry import inference_queues
+    from workers.queues import Queue
+
+    queues = instance.app.amqp.queues
+    if Queue.GPU.value in queues.consume_from:
+        for name in inference_queues():
+            queues.select_add(name)

@@ -18,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+import psycopg
 import redis
 
 from sluice.embedded_paths import (
@@ -38,6 +39,7 @@ with warnings.catch_warnings():
 # As root, pgserver runs PostgreSQL as this system user (pg_ctl refuses to run as root).
 PGSERVER_USER = "pgserver"
 REDIS_START_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 300
 STOP_TIMEOUT_S = 30.0
 
 # The pidfile of each Redis this process started, removed by stop_redis.
@@ -73,7 +75,24 @@ def start_postgres(data_dir: Path) -> str:
     # stop_postgres owns the server's lifetime. pgserver's exit hook only updates its
     # list of users and logs, at a time when pytest has closed the stream it logs to.
     atexit.unregister(server._cleanup)
-    return embedded_database_url(data_dir)
+    url = embedded_database_url(data_dir)
+    if _raise_max_connections(url):
+        stop_postgres(data_dir)  # the setting takes effect at the next start
+        with server._lock:
+            server.ensure_postgres_running()
+    return url
+
+
+def _raise_max_connections(url: str) -> bool:
+    """A GPU worker runs dozens of steps at once, each with its own connection at claim and
+    commit; PostgreSQL's default of 100 is too few for one machine's platform. True when
+    the setting was raised (once per data dir) and needs a restart."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SHOW max_connections").fetchone()
+        if row is not None and int(row[0]) >= MAX_CONNECTIONS:
+            return False
+        conn.execute(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS}")
+    return True
 
 
 def stop_postgres(data_dir: Path) -> None:

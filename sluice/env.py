@@ -4,7 +4,10 @@ Each helper raises ImproperlyConfigured naming the variable and what was expecte
 so a typo in a deployment fails at start-up with a message that says what to fix.
 """
 
+import json
 import os
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
@@ -37,6 +40,26 @@ def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
         raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}") from None
     if value < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def env_json_object(name: str) -> dict[str, Any]:
+    """A JSON object given inline, or as `@/path/to/file.json`; empty when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return {}
+    source = raw
+    if raw.startswith("@"):
+        try:
+            source = Path(raw[1:]).read_text()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}: cannot read {raw[1:]}: {exc.strerror}") from None
+    try:
+        value = json.loads(source)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object, got {type(value).__name__}")
     return value
 
 

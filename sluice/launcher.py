@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from sluice import embedded, embedded_paths, processes
+from sluice.env import env_int
 from workers.queues import CPU_WORKER_QUEUES
 
 HTTP_WAIT_S = 60.0
@@ -162,8 +163,11 @@ def _start_children(launch: _Launch, env: dict[str, str], port: int, log_dir: Pa
         "worker-cpu": processes.worker_argv(
             CPU_WORKER_QUEUES, "cpu", pool="prefork", concurrency=2
         ),
-        # Inference calls mostly wait on the engine: threads are enough and share its client.
-        "worker-gpu": processes.worker_argv(["gpu"], "gpu", pool="threads", concurrency=8),
+        # Inference steps mostly wait on the engine: threads, many of them, all sharing one
+        # engine per model so its batch stays full. Consumes every gpu.<model> queue.
+        "worker-gpu": processes.worker_argv(
+            ["gpu"], "gpu", pool="threads", concurrency=env_int("SLUICE_GPU_CONCURRENCY", 32)
+        ),
         "beat": processes.beat_argv(launch.var_dir / "celerybeat-schedule"),
     }
     for name, argv in commands.items():

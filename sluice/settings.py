@@ -6,7 +6,15 @@ import secrets
 from pathlib import Path
 
 from sluice import embedded_paths
-from sluice.env import database_from_url, env_bool, env_float, env_int, env_str, redis_url_with_db
+from sluice.env import (
+    database_from_url,
+    env_bool,
+    env_float,
+    env_int,
+    env_json_object,
+    env_str,
+    redis_url_with_db,
+)
 
 BASE_DIR = embedded_paths.BASE_DIR
 VAR_DIR = embedded_paths.var_dir()
@@ -131,6 +139,13 @@ SLUICE_SIM_TTFT_MS = env_float("SLUICE_SIM_TTFT_MS", 150.0)
 SLUICE_SIM_TOKENS_PER_S = env_float("SLUICE_SIM_TOKENS_PER_S", 80.0, minimum=1.0)
 # Fault injection for tests and demos: fail the first N attempts of every generation.
 SLUICE_SIM_FAIL_FIRST_ATTEMPTS = env_int("SLUICE_SIM_FAIL_FIRST_ATTEMPTS", 0)
+# Concurrent requests one simulated engine decodes at full speed; beyond, each step slows.
+SLUICE_SIM_BATCH_CAPACITY = env_int("SLUICE_SIM_BATCH_CAPACITY", 64, minimum=1)
+
+# The model registry (workers/inference/registry.py): entries merged over the built-in
+# simulated models, e.g. {"llama-8b": {"engine": "openai", "params": {"base_url": ...,
+# "model": ...}, "usd_per_mtok_in": 0.2, "usd_per_mtok_out": 0.6, "quality": 2}}.
+SLUICE_MODELS = env_json_object("SLUICE_MODELS")
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -28,7 +28,7 @@ def platform(
     running = Platform(label)
     try:
         running.start_worker("cpu", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
-        running.start_worker("gpu", ["gpu"], pool="threads", concurrency=4)
+        running.start_worker("gpu", ["gpu"], pool="threads", concurrency=8)
         running.start_beat()
         yield running
     finally:

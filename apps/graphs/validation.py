@@ -169,10 +169,7 @@ def check_spec(spec: object) -> JSON:
 
 
 def node_queue(node: JSON) -> str:
-    queue = node.get("resources", {}).get("queue")
-    if queue is not None:
-        return str(queue)
-    return REGISTRY[node["type"]].default_queue.value
+    return REGISTRY[node["type"]].queue(node)
 
 
 def node_max_attempts(node: JSON) -> int:
@@ -418,7 +415,14 @@ def _node_config_errors(graph: _Graph, node: JSON, config: JSON) -> list[SpecErr
         return [SpecError(where, "config", "is nested too deeply to check")]
     if not issues:
         graph.config_ok.add(node["id"])
-    return [SpecError(where, _dotted([issue.field], "config"), issue.message) for issue in issues]
+    return [
+        SpecError(
+            where,
+            _dotted([issue.field], "config") if issue.in_config else issue.field,
+            issue.message,
+        )
+        for issue in issues
+    ]
 
 
 # -- stage 6: edges -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ from apps.runs.services import InvalidInput, start_run
 from apps.runs.views import run_duration
 from apps.tenants.access import membership_of, require_role, tenant_member_required
 from apps.tenants.models import Role
-from workers.engines.models import MODELS
+from workers.inference.registry import platform_models
 from workers.operators.base import JSON
 
 GRAPHS_PER_PAGE = 25
@@ -53,8 +53,8 @@ def _node_row(node: JSON) -> NodeRow:
     text = json.dumps(config, ensure_ascii=False, separators=(", ", ": ")) if config else ""
     if len(text) > CONFIG_PREVIEW_CHARS:
         text = text[: CONFIG_PREVIEW_CHARS - 1] + "…"
-    model = MODELS.get(config.get("model", "default"))
-    simulated = node["type"] == "llm.generate" and model is not None and model.engine == "simulated"
+    model = platform_models().get(config.get("model", "default"))
+    simulated = node["type"] == "llm.generate" and model is not None and model.simulated
     return NodeRow(node["id"], node["type"], node_queue(node), text, simulated)
 
 

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from apps.graphs.validation import spec_max_fanout
 from apps.runs import effects
+from apps.runs.budgets import budget_for
 from apps.runs.dispatch import StepMessage, send_on_commit
 from apps.runs.leases import KEEPER
 from apps.runs.models import (
@@ -29,19 +30,27 @@ from apps.runs.models import (
     StepStatus,
 )
 from apps.runs.retries import give_up_reason, retry_delay_s
-from apps.runs.services import expire_run
+from apps.runs.services import BUDGET_SKIP, exceed_budget, expire_run
 from apps.runs.stepflow import DEADLINE, Routing, open_fanin, scope_entry, settle
 from apps.runs.transitions import transition_run, transition_step
-from apps.runs.writes import write_outputs
+from apps.runs.writes import record_usage, write_outputs
 from apps.tenants.context import current_tenant
+from workers.control import LISTENER
+from workers.inference.base import GenerationRequest
+from workers.inference.host import HOST, Generation, Owner
+from workers.inference.registry import ModelSpec, models_for
 from workers.operators import REGISTRY
 from workers.operators.base import (
+    BudgetExceeded,
+    DeadlinePassed,
     InputEvent,
     LeaseLost,
     PermanentError,
     StepCancelled,
     StepContext,
+    StepDeadlinePassed,
     StepResult,
+    UsageRecord,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,6 +67,8 @@ class Claimed:
     # The input events, when the claim already has them (a step claimed inline by the
     # commit that produced its input): saves a query and a commit per step.
     events: list[Event] | None = None
+    # What the attempt consumed (inference), recorded however it ends.
+    usage: UsageRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -92,10 +103,14 @@ def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
     except DeadlinePassed:
         expire_run(claim.run)  # first, so the run ends failed rather than succeeded
         end_running_step(claim, StepStatus.SKIPPED, skip_reason=DEADLINE)
+    except BudgetExceeded as exc:
+        exceed_budget(claim.run, str(exc))
+        end_running_step(claim, StepStatus.SKIPPED, skip_reason=BUDGET_SKIP)
     except StepCancelled as exc:
         end_running_step(claim, StepStatus.SKIPPED, skip_reason=f"{exc} while running")
     except LeaseLost:
         logger.warning("step %s: lease lost to another worker; its results are dropped", step_id)
+        record_orphan_usage(claim)
     except PermanentError as exc:
         fail_attempt(claim, str(exc), permanent=True)
     except Exception as exc:
@@ -104,14 +119,6 @@ def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
     finally:
         KEEPER.release(step_id)
     return None
-
-
-class DeadlinePassed(StepCancelled):
-    """The run's deadline passed: the whole run stops."""
-
-
-class StepDeadlinePassed(StepCancelled):
-    """The node's ttl_s ran out for this step: it fails, the run goes on."""
 
 
 def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
@@ -205,6 +212,7 @@ def run_operator(claim: Claimed) -> StepResult:
     ]
     heartbeat = Heartbeat(claim)
     operator = REGISTRY[node["type"]]
+    tenant = current_tenant()
     ctx = StepContext(
         run_id=str(claim.run.id),
         step_id=str(step.id),
@@ -216,8 +224,12 @@ def run_operator(claim: Claimed) -> StepResult:
         perform_effect=lambda name, request, call: effects.perform(
             step, claim.token, name, request, call
         ),
-        outbound_allowlist=frozenset(current_tenant().outbound_allowlist),
+        outbound_allowlist=frozenset(tenant.outbound_allowlist),
         failures=tuple(collect_failures(step)) if operator.is_collect else (),
+        models=models_for(tenant.model_overrides),
+        start_generation=lambda spec, request: start_generation(claim, spec, request),
+        budget=budget_for(claim.run, tenant),
+        report_usage=lambda usage: setattr(claim, "usage", usage),
     )
     heartbeat()  # a step already past its deadline does not start
     started = time.monotonic()
@@ -225,6 +237,20 @@ def run_operator(claim: Claimed) -> StepResult:
         return operator.run(ctx, inputs)
     finally:
         claim.operator_ms = (time.monotonic() - started) * 1000
+
+
+def start_generation(claim: Claimed, spec: ModelSpec, request: GenerationRequest) -> Generation:
+    """Starts a generation owned by this step, where every stop signal can reach it: the
+    control channel, the watchdog, and timers for the step's and the run's deadlines."""
+    LISTENER.ensure_running()
+    step, run = claim.step, claim.run
+    deadlines = [
+        (when.timestamp(), kind)
+        for when, kind in ((step.deadline, "step_deadline"), (run.deadline, "deadline"))
+        if when is not None
+    ]
+    owner = Owner(step_id=str(step.id), run_id=str(run.id), tenant_id=run.tenant_id)
+    return HOST.start(spec, request, owner, deadline=min(deadlines, default=None))
 
 
 def collect_failures(collect_step: Step) -> list[Any]:
@@ -276,17 +302,8 @@ def commit_step(
         inline = _claim_inline(routing, run, step.worker, inline_queue)
         if inline is not None:
             inline.events = [e for e in events if e.id in inline.step.inputs]
-        usage = result.usage
         messages = _end(
-            step,
-            run,
-            claim,
-            StepStatus.DONE,
-            routing=routing,
-            tokens_in=usage.tokens_in if usage else 0,
-            tokens_out=usage.tokens_out if usage else 0,
-            cost_usd=usage.cost_usd if usage else 0,
-            operator_ms=claim.operator_ms,
+            step, run, claim, StepStatus.DONE, routing=routing, operator_ms=claim.operator_ms
         )
         # The inline step needs no message: if this worker dies before finishing it, its
         # lease expires and the sweeper sends one.
@@ -319,6 +336,8 @@ def _end(
     **fields: Any,
 ) -> list[StepMessage]:
     """Move a running step this worker holds to a final status and settle the run."""
+    if claim.usage is not None:
+        fields.update(record_usage(step.id, run, claim.usage))
     moved = transition_step(
         step.id,
         from_=(StepStatus.RUNNING,),
@@ -343,6 +362,13 @@ def end_running_step(claim: Claimed, to: str, *, failed: bool = False, **fields:
         logger.warning("step %s: lease lost before it could be closed", claim.step.id)
 
 
+def record_orphan_usage(claim: Claimed) -> None:
+    """An attempt that lost its lease commits nothing, but what it generated was paid for."""
+    if claim.usage is not None:
+        with transaction.atomic():
+            record_usage(claim.step.id, claim.run, claim.usage, on_step=False)
+
+
 def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
     """Dead-letter the step after a permanent error, its last attempt, or when the run's
     retry budget is spent; else retry later with backoff and jitter."""
@@ -358,6 +384,7 @@ def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
     delay = retry_delay_s(claim.node, attempt)
     now = timezone.now()
     with transaction.atomic():
+        usage = record_usage(claim.step.id, claim.run, claim.usage) if claim.usage else {}
         moved = transition_step(
             claim.step.id,
             from_=(StepStatus.RUNNING,),
@@ -367,6 +394,7 @@ def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
             error=f"attempt {attempt}/{most}: {error}",
             not_before=now + timedelta(seconds=delay),
             enqueued_at=now,
+            **usage,
         )
         if moved:
             send_on_commit(

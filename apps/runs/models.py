@@ -23,6 +23,8 @@ class RunStatus(models.TextChoices):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # The run's or its tenant's budget was spent; `error` states the figure.
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 ACTIVE_RUN_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
@@ -114,9 +116,14 @@ class Step(TenantModel):
     duration_ms = models.FloatField(null=True, blank=True)
     # The operator's own time within duration_ms; the rest is the platform's overhead.
     operator_ms = models.FloatField(null=True, blank=True)
+    # Inference, summed over the step's attempts (Usage has one row per attempt).
+    model = models.CharField(max_length=100, blank=True)
     tokens_in = models.PositiveIntegerField(default=0)
     tokens_out = models.PositiveIntegerField(default=0)
+    wasted_tokens = models.PositiveIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    # From the stop signal (cancel, deadline, budget) to the engine no longer generating.
+    stop_latency_ms = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True)
     skip_reason = models.CharField(max_length=200, blank=True)
 
@@ -246,7 +253,9 @@ class Effect(TenantModel):
 
 
 class Usage(TenantModel):
-    """What a step consumed: tokens, engine time and cost, attributable to tenant, run, step."""
+    """What one attempt of a step consumed: tokens (prompt, completion, and of those the
+    wasted ones generated after a stop), engine time and cost, per tenant, run, step, model.
+    Written however the attempt ended: a stopped generation was still paid for."""
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="usage")
     step = models.ForeignKey(Step, null=True, on_delete=models.CASCADE, related_name="usage")
@@ -257,6 +266,7 @@ class Usage(TenantModel):
     wasted_tokens = models.PositiveIntegerField(default=0)
     engine_seconds = models.FloatField(default=0.0)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    stop_latency_ms = models.FloatField(null=True, blank=True)
     at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta(TenantModel.Meta):

@@ -26,8 +26,10 @@ from apps.runs.models import (
 )
 from apps.runs.stepflow import DEADLINE, new_step
 from apps.runs.transitions import skip_waiting_steps, transition_run
+from workers.control import publish_stop_on_commit
 
 MAX_INPUT_BYTES = 1024 * 1024
+BUDGET_SKIP = "budget exceeded"
 
 
 class InvalidInput(ValueError):
@@ -86,6 +88,13 @@ def start_run(
     return run
 
 
+STOP_ACTIONS: dict[str, str] = {
+    RunStatus.CANCELLED: "run.cancel",
+    RunStatus.FAILED: "run.expire",
+    RunStatus.BUDGET_EXCEEDED: "run.budget_exceeded",
+}
+
+
 def stop_run(
     run: Run, *, to: str, reason: str, actor: Actor, skip_reason: str | None = None
 ) -> bool:
@@ -98,10 +107,13 @@ def stop_run(
             run.id, from_=ACTIVE_RUN_STATUSES, to=to, error=reason, finished_at=now
         )
         if stopped:
+            # Engines generating for this run abort within a decode step, not at the next
+            # heartbeat (workers/control.py).
+            publish_stop_on_commit(to, runs=[run.id], detail=reason)
             record(
                 tenant=run.tenant,
                 actor=actor,
-                action=f"run.{'cancel' if to == 'cancelled' else 'expire'}",
+                action=STOP_ACTIONS[to],
                 target_type="run",
                 target_id=run.id,
                 before={"status": run.status},
@@ -133,4 +145,23 @@ def expire_run(run: Run) -> bool:
 
 
 def cancel_run(run: Run, *, actor: Actor) -> bool:
-    return stop_run(run, to="cancelled", reason=f"cancelled by {actor_label(actor)}", actor=actor)
+    return stop_run(
+        run, to=RunStatus.CANCELLED, reason=f"cancelled by {actor_label(actor)}", actor=actor
+    )
+
+
+def exceed_budget(run: Run, reason: str) -> bool:
+    """A budget was crossed: the run ends `budget_exceeded`, its error stating the figure."""
+    return stop_run(
+        run, to=RunStatus.BUDGET_EXCEEDED, reason=reason, skip_reason=BUDGET_SKIP, actor=None
+    )
+
+
+def cancel_abandoned(run: Run, *, viewers_gone_s: float) -> bool:
+    """The last viewer left `viewers_gone_s` ago (the grace period; Realtime keeps the time).
+    A run whose policy is `on_disconnect: cancel` is cancelled, so no generation outlives
+    the only person reading it; a `detach` run goes on. True when it was cancelled."""
+    if run.on_disconnect != "cancel":
+        return False
+    reason = f"cancelled: no viewer for {viewers_gone_s:.0f}s (on_disconnect: cancel)"
+    return stop_run(run, to=RunStatus.CANCELLED, reason=reason, actor=None)

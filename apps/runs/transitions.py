@@ -13,8 +13,14 @@ RUN_TRANSITIONS: dict[str, set[str]] = {
         RunStatus.SUCCEEDED,
         RunStatus.FAILED,
         RunStatus.CANCELLED,
+        RunStatus.BUDGET_EXCEEDED,
     },
-    RunStatus.RUNNING: {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED},
+    RunStatus.RUNNING: {
+        RunStatus.SUCCEEDED,
+        RunStatus.FAILED,
+        RunStatus.CANCELLED,
+        RunStatus.BUDGET_EXCEEDED,
+    },
     # failed -> running: its dead steps are replayed after a fix (replay.replay_dead_steps).
     RunStatus.FAILED: {RunStatus.RUNNING},
 }

@@ -1,12 +1,14 @@
 """Writing what a step produced, inside the step's commit transaction."""
 
 from typing import Any
+from uuid import UUID
 
+from django.db.models import F
 from django.utils import timezone
 
 from apps.runs.effects import digest, effect_key
 from apps.runs.models import Effect, EffectStatus, Event, ResultRow, Run, Step, Usage
-from workers.operators.base import StepResult
+from workers.operators.base import StepResult, UsageRecord
 
 
 def write_outputs(step: Step, run: Run, result: StepResult, *, opens_scope: bool) -> list[Event]:
@@ -31,20 +33,39 @@ def write_outputs(step: Step, run: Run, result: StepResult, *, opens_scope: bool
     Event.objects.bulk_create(events)
     for table, row in result.table_rows:
         write_table_row(step, run, table, row)
-    if result.usage is not None:
-        u = result.usage
-        Usage.objects.create(
-            tenant_id=run.tenant_id,
-            run=run,
-            step=step,
-            model=u.model,
-            engine=u.engine,
-            tokens_in=u.tokens_in,
-            tokens_out=u.tokens_out,
-            engine_seconds=u.engine_seconds,
-            cost_usd=u.cost_usd,
-        )
     return events
+
+
+def record_usage(
+    step_id: UUID, run: Run, usage: UsageRecord, *, on_step: bool = True
+) -> dict[str, Any]:
+    """Writes one attempt's Usage row; returns the step's fields that add it to the step's
+    totals, for the caller's own step transition (empty when `on_step` is False)."""
+    Usage.objects.create(
+        tenant_id=run.tenant_id,
+        run=run,
+        step_id=step_id,
+        model=usage.model,
+        engine=usage.engine,
+        tokens_in=usage.tokens_in,
+        tokens_out=usage.tokens_out,
+        wasted_tokens=usage.wasted_tokens,
+        engine_seconds=usage.engine_seconds,
+        cost_usd=usage.cost_usd,
+        stop_latency_ms=usage.stop_latency_ms,
+    )
+    if not on_step:
+        return {}
+    fields: dict[str, Any] = {
+        "model": usage.model,
+        "tokens_in": F("tokens_in") + usage.tokens_in,
+        "tokens_out": F("tokens_out") + usage.tokens_out,
+        "wasted_tokens": F("wasted_tokens") + usage.wasted_tokens,
+        "cost_usd": F("cost_usd") + usage.cost_usd,
+    }
+    if usage.stop_latency_ms is not None:
+        fields["stop_latency_ms"] = usage.stop_latency_ms
+    return fields
 
 
 def write_table_row(step: Step, run: Run, table: str, row: dict[str, Any]) -> None:

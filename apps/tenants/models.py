@@ -15,6 +15,10 @@ class Tenant(models.Model):
     # Hosts that tool.http and sink.webhook may call although they resolve to private,
     # loopback or link-local addresses (an internal service the tenant owns). Exact names.
     outbound_allowlist = ArrayField(models.CharField(max_length=253), default=list, blank=True)
+    # Inference spend allowed per calendar month (UTC), across all runs; none when empty.
+    monthly_budget_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    # Per model: negotiated prices, quality tier, fallbacks (workers.inference.registry).
+    model_overrides = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

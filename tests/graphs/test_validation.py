@@ -236,7 +236,7 @@ CASES: list[tuple[str, Mutation, list[str]]] = [
     (
         "unknown model",
         set_config("summary", "model", "gpt-9"),
-        ["node 'summary': config.model: unknown model 'gpt-9' (known: default)"],
+        ["node 'summary': config.model: unknown model 'gpt-9' (known: default, small)"],
     ),
     (
         "dangling edge",
@@ -327,8 +327,16 @@ CASES: list[tuple[str, Mutation, list[str]]] = [
     ),
     (
         "unknown queue",
-        set_in("summary", "resources", {"queue": "tpu"}),
-        ["node 'summary': resources.queue: 'tpu' is not one of ['cpu', 'gpu']"],
+        set_in("text", "resources", {"queue": "tpu"}),
+        ["node 'text': resources.queue: 'tpu' is not one of ['cpu', 'gpu']"],
+    ),
+    (
+        "queue on an llm node",
+        set_in("summary", "resources", {"queue": "cpu"}),
+        [
+            "node 'summary': resources.queue: llm.generate runs on its model's pool"
+            " (gpu.default); remove resources.queue"
+        ],
     ),
     (
         "label too long",
@@ -490,9 +498,14 @@ def test_deeply_nested_template_is_reported_not_raised() -> None:
 
 
 def test_node_queue() -> None:
-    assert node_queue({"id": "s", "type": "llm.generate"}) == "gpu"
+    assert node_queue({"id": "s", "type": "llm.generate"}) == "gpu.default"
     assert node_queue({"id": "t", "type": "transform.template"}) == "cpu"
-    assert node_queue({"id": "s", "type": "llm.generate", "resources": {"queue": "cpu"}}) == "cpu"
+    small = {"id": "s", "type": "llm.generate", "config": {"model": "small", "prompt": "x"}}
+    assert node_queue(small) == "gpu.small"  # each model has its own pool
+    assert (
+        node_queue({"id": "t", "type": "transform.template", "resources": {"queue": "gpu"}})
+        == "gpu"
+    )
     assert node_queue({"id": "t", "type": "transform.template", "resources": {}}) == "cpu"
 
 

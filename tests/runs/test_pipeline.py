@@ -1,6 +1,7 @@
 """End to end on real worker processes: the fan-out / fan-in pipeline from issue 2."""
 
 from collections import Counter
+from decimal import Decimal
 
 import pytest
 
@@ -159,9 +160,13 @@ def test_llm_generate_on_the_simulated_engine_records_usage(world: World, platfo
         words = len(texts[0].split())
         assert 4 <= words <= 8  # half to all of max_tokens
         step = Step.objects.get(run=first, node_id="gen")
-        assert step.queue == "gpu" and step.tokens_out == words
+        assert step.queue == "gpu.default" and step.tokens_out == words
+        assert step.model == "default" and step.wasted_tokens == 0
         usage = step.usage.get()
         assert (usage.engine, usage.tokens_in, usage.tokens_out) == ("simulated", 2, words)
+        # default's illustrative prices: $0.50 per million prompt, $1.50 per million completion
+        expected = (Decimal(2) * Decimal("0.50") + words * Decimal("1.50")) / 1_000_000
+        assert usage.cost_usd == step.cost_usd == expected.quantize(Decimal("0.000001"))
 
 
 def test_collect_waits_for_items_routed_elsewhere_and_fires_on_an_empty_fanout(

@@ -59,7 +59,7 @@ def test_transient_failures_are_retried_until_an_attempt_succeeds(
         assert (gen.status, gen.attempt) == (StepStatus.DONE, 3)
         assert (
             gen.error
-            == "attempt 2/3: EngineUnavailable: simulated engine: injected fault on attempt 2"
+            == "attempt 2/3: EngineUnavailable: simulated engine: injected 503 on attempt 2"
         )
         assert ResultRow.objects.filter(run=run).count() == 1
 

@@ -234,7 +234,7 @@ def test_llm_nodes_on_the_simulated_engine_are_labelled(client: Client, world: W
     body = text(logged_in(client, world, "viewer").get(reverse("graphs:detail", args=["asker"])))
     node_row = re.search(r"<tr>\s*<td><code>ask</code></td>.*?</tr>", body, re.S)
     assert node_row is not None and "simulated engine" in node_row[0]
-    assert "<td>gpu</td>" in node_row[0]
+    assert "<td>gpu.default</td>" in node_row[0]
 
 
 def test_starting_a_run_from_the_form_creates_it_and_redirects_to_its_page(

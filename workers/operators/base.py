@@ -2,11 +2,17 @@
 input events into outputs. Operators never touch the database; the executor commits what
 they return in one transaction."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from workers.queues import Queue
+
+if TYPE_CHECKING:
+    from workers.inference.base import GenerationRequest
+    from workers.inference.host import Generation
+    from workers.inference.registry import ModelSpec
 
 JSON = dict[str, Any]
 
@@ -21,6 +27,32 @@ class StepCancelled(Exception):
 
 class LeaseLost(Exception):
     """Another worker owns this step now; this attempt's results must be thrown away."""
+
+
+class DeadlinePassed(StepCancelled):
+    """The run's deadline passed: the whole run stops."""
+
+
+class StepDeadlinePassed(StepCancelled):
+    """The node's ttl_s ran out for this step: it fails, the run goes on."""
+
+
+class BudgetExceeded(StepCancelled):
+    """The run's or the tenant's budget is spent: the run ends `budget_exceeded`. The
+    message states the figure."""
+
+
+def stop_exception(kind: str, detail: str = "") -> Exception:
+    """The exception a step raises when a stop signal of this kind ended its work."""
+    if kind == "lease_lost":
+        return LeaseLost(detail)
+    if kind == "deadline":
+        return DeadlinePassed("deadline passed")
+    if kind == "step_deadline":
+        return StepDeadlinePassed("deadline")
+    if kind in ("budget", "budget_exceeded"):
+        return BudgetExceeded(detail or "budget exceeded")
+    return StepCancelled(f"run {kind}")
 
 
 @dataclass(frozen=True)
@@ -39,12 +71,18 @@ class Output:
 
 @dataclass(frozen=True)
 class UsageRecord:
+    """What one attempt consumed, whether it finished, failed or was stopped."""
+
     model: str
     engine: str
-    tokens_in: int
-    tokens_out: int
+    tokens_in: int  # prompt tokens
+    tokens_out: int  # completion tokens, wasted ones included
     engine_seconds: float
-    cost_usd: float
+    cost_usd: Decimal
+    # Tokens generated after a stop signal: paid for, read by nobody.
+    wasted_tokens: int = 0
+    # From the stop signal to the engine no longer generating.
+    stop_latency_ms: float | None = None
 
 
 @dataclass
@@ -52,7 +90,24 @@ class StepResult:
     outputs: list[Output] = field(default_factory=list)
     # (table, row) pairs a sink writes in the same transaction as the step's completion.
     table_rows: list[tuple[str, JSON]] = field(default_factory=list)
-    usage: UsageRecord | None = None
+
+
+class SpendMeter(Protocol):
+    """The run's and tenant's budgets as a step sees them."""
+
+    def check_start(self, cost: Decimal) -> None:
+        """Raises BudgetExceeded when spending `cost` more would cross a budget."""
+
+    def add(self, cost: Decimal) -> str | None:
+        """Counts spending as it happens; returns the reason once a budget is crossed."""
+
+
+class NoBudget:
+    def check_start(self, cost: Decimal) -> None:
+        return None
+
+    def add(self, cost: Decimal) -> str | None:
+        return None
 
 
 # perform_effect(name, request, call): runs call(idempotency_key) through the effect ledger,
@@ -80,6 +135,13 @@ class StepContext:
     outbound_allowlist: frozenset[str] = frozenset()
     # For a collect: the items of its fan-out that failed, when its policy collects anyway.
     failures: tuple[JSON, ...] = ()
+    # Inference: the model registry as this tenant sees it, how to start a generation owned
+    # by this step (registered for stop signals, with the deadlines armed), the budgets, and
+    # where to report what the attempt consumed (recorded however the step ends).
+    models: Mapping[str, "ModelSpec"] = field(default_factory=dict)
+    start_generation: Callable[["ModelSpec", "GenerationRequest"], "Generation"] | None = None
+    budget: SpendMeter = field(default_factory=NoBudget)
+    report_usage: Callable[[UsageRecord], None] = lambda usage: None
 
 
 @dataclass(frozen=True)
@@ -88,6 +150,8 @@ class SpecIssue:
 
     field: str
     message: str
+    # Most issues are about the config; a few about the node itself (its resources).
+    in_config: bool = True
 
 
 class Operator:
@@ -100,6 +164,10 @@ class Operator:
     # A fan-out's outputs are items of a new scope; a collect consumes one scope's items at once.
     opens_scope: ClassVar[bool] = False
     is_collect: ClassVar[bool] = False
+
+    def queue(self, node: JSON) -> str:
+        """The Celery queue this node's steps run on."""
+        return str(node.get("resources", {}).get("queue", self.default_queue.value))
 
     def output_ports(self, config: JSON) -> set[str]:
         return {"out"}

@@ -1,0 +1,159 @@
+"""The control channel: how a stop decided anywhere reaches the engine generating for it.
+
+A run cancel, an expiry, a crossed budget or "the last viewer left" is published on one
+Redis pub/sub channel. Every worker process that generates listens (ControlListener) and
+aborts the matching engine requests at once, within one decode step. Pub/sub delivers at
+most once, so a Watchdog also polls the database for the runs it is generating for and
+checks leases: a lost message costs a poll interval, never a zombie.
+"""
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Collection
+from typing import Any
+from uuid import UUID
+
+import redis
+from django.conf import settings
+from django.db import connection, transaction
+
+from workers.inference.host import HOST, EngineHost, StopSignal
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "sluice:control"
+# The fallback's pace: a stop whose message was lost still lands within this.
+WATCHDOG_INTERVAL_S = 0.5
+
+_clients: dict[int, redis.Redis] = {}
+
+
+def redis_client() -> redis.Redis:
+    pid = os.getpid()  # a forked child must not share its parent's sockets
+    if pid not in _clients:
+        _clients[pid] = redis.Redis.from_url(settings.REDIS_URL)
+    return _clients[pid]
+
+
+def publish_stop(
+    kind: str,
+    *,
+    runs: Collection[Any] = (),
+    steps: Collection[Any] = (),
+    tenant: int | None = None,
+    at: float | None = None,
+    detail: str = "",
+) -> None:
+    message = {
+        "kind": kind,
+        "at": time.time() if at is None else at,
+        "runs": [str(r) for r in runs],
+        "steps": [str(s) for s in steps],
+        "tenant": tenant,
+        "detail": detail,
+    }
+    try:
+        redis_client().publish(CHANNEL, json.dumps(message))
+    except redis.RedisError:
+        # The watchdogs' database poll still stops the generations, a poll interval later.
+        logger.warning("control channel unavailable; %s stop left to the watchdogs", kind)
+
+
+def publish_stop_on_commit(kind: str, *, runs: Collection[Any], detail: str = "") -> None:
+    """After the stop is committed, so a worker never acts on a decision rolled back. The
+    timestamp is the decision's, taken now."""
+    at = time.time()
+    transaction.on_commit(lambda: publish_stop(kind, runs=runs, at=at, detail=detail))
+
+
+def handle(host: EngineHost, raw: bytes | str) -> int:
+    """Applies one control message to this process's generations; returns how many stopped."""
+    try:
+        message = json.loads(raw)
+        signal = StopSignal(str(message["kind"]), float(message["at"]), message.get("detail", ""))
+    except (ValueError, KeyError, TypeError):
+        logger.warning("ignoring a malformed control message: %.200r", raw)
+        return 0
+    return host.stop_matching(
+        signal,
+        runs=set(message.get("runs") or ()),
+        steps=set(message.get("steps") or ()),
+        tenant=message.get("tenant"),
+    )
+
+
+class ControlListener:
+    """Subscribes once per process, from the first generation on, and keeps reconnecting."""
+
+    def __init__(self, host: EngineHost) -> None:
+        self.host = host
+        self._lock = threading.Lock()
+        self._pid = 0
+        self.subscribed = threading.Event()
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self.subscribed.clear()
+            threading.Thread(target=self._listen, name="sluice-control", daemon=True).start()
+            threading.Thread(target=self._watch, name="sluice-watchdog", daemon=True).start()
+        # A stop published before the subscription took would be missed: wait briefly; the
+        # watchdog covers a slower start.
+        self.subscribed.wait(timeout=2.0)
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = redis.Redis.from_url(settings.REDIS_URL).pubsub(
+                    ignore_subscribe_messages=True
+                )
+                pubsub.subscribe(CHANNEL)
+                self.subscribed.set()
+                for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        handle(self.host, message["data"])
+            except redis.RedisError:
+                logger.warning("control channel lost; resubscribing in 1s")
+                time.sleep(1.0)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(WATCHDOG_INTERVAL_S)
+            try:
+                watch_once(self.host)
+            except Exception:
+                logger.exception("control watchdog failed; will try again")
+                connection.close()
+
+
+def watch_once(host: EngineHost) -> int:
+    """Stops generations whose lease was lost or whose run ended without this process
+    hearing of it. One query for every run this process is generating for."""
+    from apps.runs.leases import KEEPER
+    from apps.runs.models import Run
+
+    running = host.running()
+    if not running:
+        connection.close()  # idle: hold no database connection
+        return 0
+    stopped = 0
+    for generation in running:
+        if KEEPER.lost(UUID(generation.owner.step_id)):
+            stopped += generation.stop(StopSignal("lease_lost", time.time()))
+    run_ids = {g.owner.run_id for g in running}
+    # Infrastructure, not tenant data: the ids come from this process's own generations.
+    ended = Run.unscoped_all_tenants.filter(id__in=run_ids).exclude(
+        status__in=("queued", "running")
+    )
+    for run_id, status, finished_at in ended.values_list("id", "status", "finished_at"):
+        at = finished_at.timestamp() if finished_at else time.time()
+        stopped += host.stop_matching(StopSignal(status, at), runs={str(run_id)})
+    return stopped
+
+
+LISTENER = ControlListener(HOST)
