@@ -3,9 +3,15 @@
 import argparse
 import sys
 
-from bench import chain, chaos, overhead
+from bench import batching, chain, chaos, overhead, zombie
 
-BENCHMARKS = {"chain": chain.main, "overhead": overhead.main, "chaos": chaos.main}
+BENCHMARKS = {
+    "chain": chain.main,
+    "overhead": overhead.main,
+    "chaos": chaos.main,
+    "zombie": zombie.main,
+    "batching": batching.main,
+}
 
 
 def main() -> int:

@@ -36,12 +36,20 @@ def services(name: str) -> Iterator[Path]:
 
 
 def start_worker(
-    root: Path, name: str, queues: list[str], extra: list[str], *, concurrency: int = 2
+    root: Path,
+    name: str,
+    queues: list[str],
+    extra: list[str],
+    *,
+    concurrency: int = 2,
+    pool: str = "prefork",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A prefork worker, returned once it says it is ready."""
-    argv = processes.worker_argv(queues, name, pool="prefork", concurrency=concurrency) + extra
+    """A worker (prefork unless `pool` says otherwise; a GPU worker runs threads), with
+    `env` over this process's environment, returned once it says it is ready."""
+    argv = processes.worker_argv(queues, name, pool=pool, concurrency=concurrency) + extra
     log = root / f"{name}.log"
-    proc = processes.spawn(argv, env=dict(os.environ), log_path=log)
+    proc = processes.spawn(argv, env={**os.environ, **(env or {})}, log_path=log)
     deadline = time.monotonic() + 60
     while " ready." not in (log.read_text() if log.exists() else ""):
         if time.monotonic() > deadline or proc.poll() is not None:
@@ -53,9 +61,16 @@ def start_worker(
 
 @contextmanager
 def worker(
-    root: Path, name: str, queues: list[str], extra: list[str], *, concurrency: int = 2
+    root: Path,
+    name: str,
+    queues: list[str],
+    extra: list[str],
+    *,
+    concurrency: int = 2,
+    pool: str = "prefork",
+    env: dict[str, str] | None = None,
 ) -> Iterator[None]:
-    proc = start_worker(root, name, queues, extra, concurrency=concurrency)
+    proc = start_worker(root, name, queues, extra, concurrency=concurrency, pool=pool, env=env)
     try:
         yield
     finally:

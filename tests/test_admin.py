@@ -44,3 +44,38 @@ def test_changelists_render_across_tenants_and_audit_and_usage_are_read_only(wor
         == 403
     )
     assert AuditEntry.unscoped_all_tenants.filter(pk=entry.pk).exists()
+
+
+def tenant_form(world: World, **changes: object) -> dict[str, object]:
+    return {
+        "slug": world.acme.slug,
+        "name": world.acme.name,
+        "outbound_allowlist": "",
+        "monthly_budget_usd": "",
+        "model_overrides": "{}",
+        **changes,
+    }
+
+
+def test_tenant_budget_and_model_overrides_are_validated_and_audited(world: World) -> None:
+    staff = get_user_model().objects.create_superuser("root", password="pw-root")
+    client = Client()
+    client.force_login(staff)
+    url = f"/admin/tenants/tenant/{world.acme.pk}/change/"
+
+    # A tenant may not redirect a model's requests: engine and params are the platform's.
+    refused = tenant_form(world, model_overrides='{"default": {"params": {"base_url": "x"}}}')
+    page = client.post(url, refused).content.decode()
+    assert "a tenant may override only" in page and "not params" in page
+    world.acme.refresh_from_db()
+    assert world.acme.model_overrides == {}
+
+    allowed = tenant_form(
+        world, monthly_budget_usd="25.50", model_overrides='{"default": {"usd_per_mtok_out": 1}}'
+    )
+    assert client.post(url, allowed).status_code == 302
+    world.acme.refresh_from_db()
+    assert str(world.acme.monthly_budget_usd) == "25.500000"
+    entry = AuditEntry.unscoped_all_tenants.get(tenant=world.acme, action="tenant.change")
+    assert entry.after["monthly_budget_usd"] == "25.50"
+    assert entry.before["monthly_budget_usd"] == "None"

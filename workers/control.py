@@ -74,15 +74,23 @@ def handle(host: EngineHost, raw: bytes | str) -> int:
     try:
         message = json.loads(raw)
         signal = StopSignal(str(message["kind"]), float(message["at"]), message.get("detail", ""))
+        runs = _ids(message.get("runs"))
+        steps = _ids(message.get("steps"))
+        tenant = message.get("tenant")
+        if tenant is not None and not isinstance(tenant, int):
+            raise TypeError("tenant must be an id")
     except (ValueError, KeyError, TypeError):
         logger.warning("ignoring a malformed control message: %.200r", raw)
         return 0
-    return host.stop_matching(
-        signal,
-        runs=set(message.get("runs") or ()),
-        steps=set(message.get("steps") or ()),
-        tenant=message.get("tenant"),
-    )
+    return host.stop_matching(signal, runs=runs, steps=steps, tenant=tenant)
+
+
+def _ids(value: Any) -> set[str]:
+    if value is None:
+        return set()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("runs and steps must be lists of ids")
+    return set(value)
 
 
 class ControlListener:
@@ -115,8 +123,12 @@ class ControlListener:
                 pubsub.subscribe(CHANNEL)
                 self.subscribed.set()
                 for message in pubsub.listen():
-                    if message.get("type") == "message":
+                    if message.get("type") != "message":
+                        continue
+                    try:
                         handle(self.host, message["data"])
+                    except Exception:  # one bad message must not end the listener
+                        logger.exception("control message failed: %.200r", message["data"])
             except redis.RedisError:
                 logger.warning("control channel lost; resubscribing in 1s")
                 time.sleep(1.0)

@@ -99,8 +99,9 @@ def stop_run(
     run: Run, *, to: str, reason: str, actor: Actor, skip_reason: str | None = None
 ) -> bool:
     """Cancel (or expire) a run: it stops at once; waiting steps are skipped (with
-    `skip_reason`, else `reason`); running steps learn of it at their next heartbeat and
-    commit nothing. False if it had already ended."""
+    `skip_reason`, else `reason`); engines generating for it abort within a decode step
+    (the control channel), other running steps learn of it at their next heartbeat, and
+    none commits anything. False if it had already ended."""
     now = timezone.now()
     with transaction.atomic():
         stopped = transition_run(

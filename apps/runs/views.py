@@ -11,7 +11,7 @@ from uuid import UUID
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
@@ -76,6 +76,7 @@ class UsageSummary:
     cost_usd: Decimal
     engines: list[str]
     models: list[str]
+    stopped: int  # attempts whose generation a stop signal ended
 
     @property
     def simulated(self) -> bool:
@@ -130,6 +131,7 @@ def _usage(run: Run) -> UsageSummary | None:
         tokens_out=Sum("tokens_out"),
         wasted=Sum("wasted_tokens"),
         cost=Sum("cost_usd"),
+        stopped=Count("id", filter=Q(stop_latency_ms__isnull=False)),
     )
     if not totals["rows"]:
         return None
@@ -140,7 +142,13 @@ def _usage(run: Run) -> UsageSummary | None:
         cost_usd=totals["cost"],
         engines=sorted(set(usage.values_list("engine", flat=True))),
         models=sorted(set(usage.values_list("model", flat=True))),
+        stopped=totals["stopped"],
     )
+
+
+def usd(amount: Decimal | None) -> str:
+    """A dollar amount as written, without trailing zeros or exponent: 20, 0.0005."""
+    return "" if amount is None else f"{amount.normalize():f}"
 
 
 def _dead_steps(request: HttpRequest, run: Run, steps: QuerySet[Step]) -> dict[str, object]:
@@ -174,6 +182,7 @@ def run_detail(request: HttpRequest, run_id: UUID) -> HttpResponse:
         "step_rows": _step_rows(list(steps_page.object_list)),
         "tables": _result_tables(run),
         "usage": _usage(run),
+        "budget": usd(run.budget_usd),
         "can_cancel": run.is_active and membership_of(request).allows(Role.OPERATOR),
         **_dead_steps(request, run, steps),
     }

@@ -10,8 +10,23 @@ from apps.tenants.models import ApiKey, Membership, Tenant
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "created_at"]
+    list_display = ["slug", "name", "monthly_budget_usd", "created_at"]
     search_fields = ["slug", "name"]
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        watched = ("monthly_budget_usd", "model_overrides", "outbound_allowlist")
+        changed = [name for name in watched if name in form.changed_data]
+        if change and changed:
+            record(
+                tenant=obj,
+                actor=request.user,
+                action="tenant.change",
+                target_type="tenant",
+                target_id=obj.pk,
+                before={name: str(form.initial.get(name)) for name in changed},
+                after={name: str(getattr(obj, name)) for name in changed},
+            )
 
 
 @admin.register(Membership)

@@ -4,6 +4,7 @@ from typing import Any, ClassVar
 
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
+from django.core.exceptions import ValidationError
 from django.db import models
 
 from apps.tenants.context import current_tenant
@@ -23,6 +24,15 @@ class Tenant(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        # Which fields a tenant may override is the registry's rule (no engine, no params).
+        from workers.inference.registry import RegistryError, check_overrides
+
+        try:
+            check_overrides(self.model_overrides)
+        except RegistryError as exc:
+            raise ValidationError({"model_overrides": str(exc)}) from exc
 
 
 class TenantScopedManager(models.Manager[Any]):

@@ -3,6 +3,7 @@ engine inside the GPU worker process within one token interval, the waste is cou
 is recorded for stopped attempts, and budgets stop runs. The engine runs at 20 tokens/s
 here, so one token interval is 50 ms and a generation left running would be obvious."""
 
+import html
 import json
 import time
 from collections.abc import Iterator
@@ -10,7 +11,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.test import override_settings
+from django.test import Client, override_settings
+from django.urls import reverse
 
 from apps.runs.models import Run, RunStatus, Step, StepStatus, Usage
 from apps.runs.services import cancel_abandoned, cancel_run, start_run
@@ -63,6 +65,15 @@ def registry(fake_provider: FakeOpenAI) -> Iterator[None]:
         platform_models.cache_clear()
         yield
     platform_models.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def quiet_workers() -> Iterator[None]:
+    """After each test, wait until no step is running or waiting: a worker still finishing
+    a stopped step would hold row locks while the test database is flushed."""
+    yield
+    open_steps = Step.unscoped_all_tenants.filter(status__in=("queued", "running", "failed"))
+    wait_until(lambda: not open_steps.exists(), 30, "every step to settle")
 
 
 def spec(
@@ -167,7 +178,7 @@ def test_the_run_deadline_aborts_its_generations(world: World, slow_platform: Pl
 
 
 def test_a_crossed_run_budget_stops_every_generation_of_the_run(
-    world: World, slow_platform: Platform
+    world: World, slow_platform: Platform, client: Client
 ) -> None:
     # $1.50 per million completion tokens: about 70 tokens in all, across three streams.
     budget = Decimal("0.000100")
@@ -188,6 +199,15 @@ def test_a_crossed_run_budget_stops_every_generation_of_the_run(
     # Overshoot is bounded by the meter's flush interval (8 tokens) per concurrent stream.
     assert budget <= spent <= budget + Decimal("0.0000015") * 8 * 3
     assert all(u.stop_latency_ms is not None for u in usage)
+
+    # The run page shows why it ended and what the stop cost; other tenants see nothing.
+    client.force_login(world.viewer)  # type: ignore[arg-type]
+    page = html.unescape(client.get(reverse("runs:detail", args=[run.id])).content.decode())
+    assert f"Budget exceeded:</strong> {run.error}" in page
+    assert "Budget</dt><dd>$0.0001 " in page
+    assert page.count("ms after the stop signal") == 3
+    client.force_login(world.outsider)  # type: ignore[arg-type]
+    assert client.get(reverse("runs:detail", args=[run.id])).status_code == 404
 
 
 def test_a_spent_tenant_budget_stops_the_run_and_refuses_the_next(

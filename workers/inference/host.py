@@ -64,6 +64,7 @@ class Generation:
     # (time produced, tokens) of every delta, to count what came after the stop signal.
     produced: list[tuple[float, int]] = field(default_factory=list)
     future: "Future[None] | None" = None
+    deadline_timer: asyncio.TimerHandle | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __iter__(self) -> Iterator[TokenDelta]:
@@ -84,6 +85,7 @@ class Generation:
                 yield item
         finally:
             self.host.forget(self)
+            self.host.cancel_deadline(self)
             if self.finished is None:
                 # The consumer left early (an error, a stop it noticed itself): never leave
                 # the engine generating for nobody.
@@ -93,7 +95,7 @@ class Generation:
         """Abort this generation in the engine. Thread-safe; the first signal is kept.
         False when it already had one."""
         with self._lock:
-            if self.stop_signal is not None:
+            if self.stop_signal is not None or self.finished is not None:
                 return False
             self.stop_signal = signal
         self.host.abort(self.model, self.request.request_id)
@@ -173,9 +175,19 @@ class EngineHost:
         return generation
 
     def _arm_deadline(self, generation: Generation, at: float, kind: str) -> None:
+        if generation.finished is not None or generation.stop_signal is not None:
+            return
         delay = max(0.0, at - time.time())
         assert self._loop is not None
-        self._loop.call_later(delay, lambda: generation.stop(StopSignal(kind, at)))
+        generation.deadline_timer = self._loop.call_later(
+            delay, lambda: generation.stop(StopSignal(kind, at))
+        )
+
+    def cancel_deadline(self, generation: Generation) -> None:
+        """An ended generation's timer must not keep it (and its tokens) alive until the
+        deadline, nor mark it stopped afterwards."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(_cancel_timer, generation)
 
     async def _pump(self, engine: Engine, generation: Generation) -> None:
         """Moves the engine's stream into the generation's queue, on the loop."""
@@ -216,6 +228,12 @@ class EngineHost:
     def running(self) -> list[Generation]:
         with self._lock:
             return list(self._running.values())
+
+
+def _cancel_timer(generation: Generation) -> None:
+    if generation.deadline_timer is not None:
+        generation.deadline_timer.cancel()
+        generation.deadline_timer = None
 
 
 # One per process: the engines and the registry of what they are generating.

@@ -34,10 +34,18 @@ from workers.inference.base import (
     GenerationRequest,
     TokenDelta,
 )
+from workers.inference.http_wire import (
+    BadStream,
+    Decoder,
+    Head,
+    SseParser,
+    UntilCloseDecoder,
+    decoder_for,
+    parse_head,
+)
 
 _READ_SIZE = 64 * 1024
 _MAX_HEAD_BYTES = 64 * 1024  # a response head larger than this is not a chat server's
-_MAX_LINE_BYTES = 1024 * 1024  # one SSE line or chunk-size line; bounds memory per stream
 _MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any error message worth quoting
 _EXCERPT_CHARS = 200
 _CLOSE_GRACE_S = 1.0  # how long a clean close may take before the socket is just dropped
@@ -46,11 +54,6 @@ _NUMBER = re.compile(r"\d+(\.\d+)?")
 
 class _Aborted(Exception):
     """abort() closed this request's connection: generate() ends with Finished("aborted")."""
-
-
-class _BadStream(Exception):
-    """The server sent something other than what it promised: bytes that are not HTTP or
-    SSE, a chunk that is not JSON, or an error event in place of tokens."""
 
 
 @dataclass(frozen=True)
@@ -101,151 +104,6 @@ def _parse_base_url(base_url: str) -> _Target:
 
 
 @dataclass(frozen=True)
-class _Head:
-    status: int
-    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
-
-
-def _parse_head(raw: bytes) -> _Head:
-    lines = raw.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/") or not code.isdigit():
-        raise _BadStream(f"not an HTTP response: {lines[0][:60]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise _BadStream(f"bad header line {line[:60]!r}")
-        key = name.strip().lower()
-        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
-    return _Head(int(code), headers)
-
-
-class _ChunkedDecoder:
-    """Undoes `Transfer-Encoding: chunked` as bytes arrive."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._left = 0  # payload bytes still to come in the current chunk
-        self._after_data = False  # the CRLF that ends a chunk's payload is next
-        self._in_trailers = False
-        self.complete = False
-
-    def feed(self, data: bytes) -> bytes:
-        self._buf += data
-        out = bytearray()
-        pos = 0
-        while not self.complete:
-            if self._left:
-                piece = self._buf[pos : pos + self._left]
-                if not piece:
-                    break
-                out += piece
-                pos += len(piece)
-                self._left -= len(piece)
-                self._after_data = not self._left
-                continue
-            end = self._buf.find(b"\n", pos)
-            if end < 0:
-                if len(self._buf) - pos > _MAX_LINE_BYTES:
-                    raise _BadStream("chunk header line too long")
-                break
-            line = bytes(self._buf[pos:end]).removesuffix(b"\r")
-            pos = end + 1
-            self._line(line)
-        del self._buf[:pos]
-        return bytes(out)
-
-    def _line(self, line: bytes) -> None:
-        if self._after_data:
-            if line:
-                raise _BadStream("chunk payload not followed by CRLF")
-            self._after_data = False
-        elif self._in_trailers:
-            self.complete = not line
-        else:
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _BadStream(f"bad chunk size {line[:20]!r}") from None
-            self._left = size
-            self._in_trailers = size == 0
-
-
-class _LengthDecoder:
-    """A body of `Content-Length` bytes."""
-
-    def __init__(self, length: int) -> None:
-        self._left = length
-        self.complete = length == 0
-
-    def feed(self, data: bytes) -> bytes:
-        piece = data[: self._left]
-        self._left -= len(piece)
-        self.complete = self._left == 0
-        return piece
-
-
-class _UntilCloseDecoder:
-    """A body that ends when the server closes the connection."""
-
-    complete = False
-
-    def feed(self, data: bytes) -> bytes:
-        return data
-
-
-_Decoder = _ChunkedDecoder | _LengthDecoder | _UntilCloseDecoder
-
-
-def _decoder_for(headers: dict[str, str]) -> _Decoder:
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return _ChunkedDecoder()
-    length = headers.get("content-length", "").strip()
-    if length:
-        if not length.isdigit():
-            raise _BadStream(f"bad Content-Length {length[:20]!r}")
-        return _LengthDecoder(int(length))
-    return _UntilCloseDecoder()
-
-
-class _SseParser:
-    """Splits an event stream into its events' data, by the WHATWG rules OpenAI streams
-    follow: `data:` lines of one event are joined by newlines and the event is dispatched
-    at a blank line; `:` comments and other fields are ignored. Lines end in LF or CRLF
-    (a lone CR, which the spec allows, is not used by any OpenAI-compatible server)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._data: list[str] = []
-
-    def feed(self, data: bytes) -> list[str]:
-        self._buf += data
-        if b"\n" not in data:
-            if len(self._buf) > _MAX_LINE_BYTES:
-                raise _BadStream("event stream line too long")
-            return []
-        *lines, tail = bytes(self._buf).split(b"\n")
-        self._buf = bytearray(tail)
-        events: list[str] = []
-        for raw in lines:
-            line = raw.removesuffix(b"\r").decode("utf-8", "replace")
-            if not line:
-                if self._data:
-                    events.append("\n".join(self._data))
-                self._data = []
-            elif line.startswith("data:"):
-                self._data.append(line[5:].removeprefix(" "))
-        return events
-
-    def finish(self) -> list[str]:
-        """At the end of the body: an event the server did not end with a blank line (some
-        send `data: [DONE]` and close at once)."""
-        return self.feed(b"\n\n")
-
-
-@dataclass(frozen=True)
 class _Chunk:
     text: str
     finish_reason: str | None
@@ -256,12 +114,12 @@ def _parse_chunk(data: str) -> _Chunk:
     try:
         obj = json.loads(data)
     except ValueError:
-        raise _BadStream(f"malformed JSON in stream chunk: {data[:80]!r}") from None
+        raise BadStream(f"malformed JSON in stream chunk: {data[:80]!r}") from None
     if not isinstance(obj, dict):
-        raise _BadStream(f"stream chunk is not an object: {data[:80]!r}")
+        raise BadStream(f"stream chunk is not an object: {data[:80]!r}")
     if obj.get("error"):
         # Servers report failures that happen mid-generation as an event like this.
-        raise _BadStream(f"error event in stream: {_error_message(obj)}")
+        raise BadStream(f"error event in stream: {_error_message(obj)}")
     text, finish_reason, usage = "", None, None
     choices = obj.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
@@ -324,8 +182,8 @@ class _Call:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._read_error: OSError | None = None
-        self._decoder: _Decoder = _UntilCloseDecoder()
-        self._sse = _SseParser()
+        self._decoder: Decoder = UntilCloseDecoder()
+        self._sse = SseParser()
         self._events: deque[str] = deque()
         self._ended = False  # the body is over: no more events than those in _events
 
@@ -354,7 +212,7 @@ class _Call:
             raise EngineRejected(
                 f"{self.target.label}: expected an event stream, got {content_type[:60]!r}"
             )
-        self._decoder = _decoder_for(head.headers)
+        self._decoder = decoder_for(head.headers)
         self._take(rest)
 
     async def next_text(self) -> str | None:
@@ -445,17 +303,17 @@ class _Call:
     def _stalled(self, phase: str) -> str:
         return f"{self.target.label}: stalled: no bytes for {self.stall_timeout_s:g}s {phase}"
 
-    async def _read_head(self) -> tuple[_Head, bytes]:
+    async def _read_head(self) -> tuple[Head, bytes]:
         buf = b""
         while True:
             end = buf.find(b"\r\n\r\n")
             if end >= 0:
-                head, buf = _parse_head(buf[:end]), buf[end + 4 :]
+                head, buf = parse_head(buf[:end]), buf[end + 4 :]
                 if 100 <= head.status < 200:
                     continue  # an interim response; the real one follows
                 return head, buf
             if len(buf) > _MAX_HEAD_BYTES:
-                raise _BadStream("response head too large")
+                raise BadStream("response head too large")
             data = await self._read_some("waiting for the response")
             if not data:
                 why = f": {self._read_error}" if self._read_error else ""
@@ -464,7 +322,7 @@ class _Call:
                 )
             buf += data
 
-    async def _status_error(self, head: _Head, rest: bytes, secret: str | None) -> EngineError:
+    async def _status_error(self, head: Head, rest: bytes, secret: str | None) -> EngineError:
         text = await self._error_body(head, rest)
         message = f"{self.target.label}: HTTP {head.status}"
         if excerpt := _excerpt(text, secret):
@@ -474,17 +332,17 @@ class _Call:
             return EngineUnavailable(message, retry_after_s=retry)
         return EngineRejected(message)
 
-    async def _error_body(self, head: _Head, rest: bytes) -> str:
+    async def _error_body(self, head: Head, rest: bytes) -> str:
         body = bytearray()
         try:
-            self._decoder = _decoder_for(head.headers)
+            self._decoder = decoder_for(head.headers)
             body += self._decoder.feed(rest)
             while not self._decoder.complete and len(body) < _MAX_ERROR_BODY_BYTES:
                 data = await self._read_some("reading the error response")
                 if not data:
                     break
                 body += self._decoder.feed(data)
-        except (EngineUnavailable, _BadStream):
+        except (EngineUnavailable, BadStream):
             pass  # the status says what matters; quote what did arrive
         return body.decode("utf-8", "replace")
 
@@ -557,7 +415,7 @@ class OpenAIEngine(Engine):
             except _Aborted:
                 assert call.aborted_at is not None
                 finished = Finished("aborted", prompt_tokens, call.received, at=call.aborted_at)
-            except _BadStream as exc:
+            except BadStream as exc:
                 raise self._unavailable(call, str(exc)) from None
         finally:
             # Before the last yield, so a consumer that stops at Finished leaves nothing open.

@@ -93,7 +93,7 @@ def parse_entry(name: str, raw: Any) -> ModelSpec:
     if not isinstance(params, dict):
         raise RegistryError(f"{where}: params must be an object")
     quality = raw.get("quality", 2)
-    if quality not in QUALITY_TIERS:
+    if type(quality) is not int or quality not in QUALITY_TIERS:
         raise RegistryError(f"{where}: quality must be one of {QUALITY_TIERS}")
     fallbacks = raw.get("fallbacks", [])
     if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):

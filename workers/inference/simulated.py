@@ -34,6 +34,7 @@ _WORDS = [
     "clear", "bright", "measured", "durable", "exact", "honest",
 ]  # fmt: skip
 
+_STALL_WORDS = {"timeout": "timed out", "stall": "stalled"}
 FAULT_KINDS = ("unavailable", "rate_limited", "timeout", "stall", "drop")
 
 
@@ -143,7 +144,7 @@ class SimulatedEngine(Engine):
                     item = await asyncio.wait_for(state.stream.get(), self._patience(state))
                 except TimeoutError:
                     raise EngineUnavailable(
-                        f"simulated engine: stream {state.fault or 'stalled'} after"
+                        f"simulated engine: stream {_STALL_WORDS.get(state.fault, 'stalled')} after"
                         f" {state.produced} tokens (no token for {self.faults.stall_s}s)"
                     ) from None
                 if isinstance(item, EngineUnavailable):
