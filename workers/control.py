@@ -130,7 +130,10 @@ class ControlListener:
                     except Exception:  # one bad message must not end the listener
                         logger.exception("control message failed: %.200r", message["data"])
             except redis.RedisError:
-                logger.warning("control channel lost; resubscribing in 1s")
+                # Said once per outage; the watchdog keeps stopping generations meanwhile.
+                if self.subscribed.is_set():
+                    logger.warning("control channel lost; resubscribing every second")
+                self.subscribed.clear()
                 time.sleep(1.0)
 
     def _watch(self) -> None:
@@ -148,6 +151,7 @@ def watch_once(host: EngineHost) -> int:
     hearing of it. One query for every run this process is generating for."""
     from apps.runs.leases import KEEPER
     from apps.runs.models import Run
+    from apps.runs.services import STOP_SIGNALS
 
     running = host.running()
     if not running:
@@ -164,7 +168,8 @@ def watch_once(host: EngineHost) -> int:
     )
     for run_id, status, finished_at in ended.values_list("id", "status", "finished_at"):
         at = finished_at.timestamp() if finished_at else time.time()
-        stopped += host.stop_matching(StopSignal(status, at), runs={str(run_id)})
+        kind = STOP_SIGNALS.get(status, status)
+        stopped += host.stop_matching(StopSignal(kind, at), runs={str(run_id)})
     return stopped
 
 

@@ -30,14 +30,14 @@ from apps.runs.models import (
     StepStatus,
 )
 from apps.runs.retries import give_up_reason, retry_delay_s
-from apps.runs.services import BUDGET_SKIP, exceed_budget, expire_run
+from apps.runs.services import BUDGET_SKIP, STOP_SIGNALS, exceed_budget, expire_run
 from apps.runs.stepflow import DEADLINE, Routing, open_fanin, scope_entry, settle
 from apps.runs.transitions import transition_run, transition_step
 from apps.runs.writes import record_usage, write_outputs
 from apps.tenants.context import current_tenant
 from workers.control import LISTENER
 from workers.inference.base import GenerationRequest
-from workers.inference.host import HOST, Generation, Owner
+from workers.inference.host import HOST, Generation, Owner, StopSignal
 from workers.inference.registry import ModelSpec, models_for
 from workers.operators import REGISTRY
 from workers.operators.base import (
@@ -250,7 +250,14 @@ def start_generation(claim: Claimed, spec: ModelSpec, request: GenerationRequest
         if when is not None
     ]
     owner = Owner(step_id=str(step.id), run_id=str(run.id), tenant_id=run.tenant_id)
-    return HOST.start(spec, request, owner, deadline=min(deadlines, default=None))
+    generation = HOST.start(spec, request, owner, deadline=min(deadlines, default=None))
+    # A stop published before this generation was registered reached no one: look once.
+    # Any stop after the registration arrives on the control channel.
+    status, finished_at = Run.objects.values_list("status", "finished_at").get(id=run.id)
+    if status not in (RunStatus.QUEUED, RunStatus.RUNNING):
+        at = finished_at.timestamp() if finished_at else time.time()
+        generation.stop(StopSignal(STOP_SIGNALS.get(status, status), at))
+    return generation
 
 
 def collect_failures(collect_step: Step) -> list[Any]:
@@ -360,6 +367,7 @@ def end_running_step(claim: Claimed, to: str, *, failed: bool = False, **fields:
             send_on_commit(_end(step, claim.run, claim, to, failed=failed, **fields))
     except LeaseLost:
         logger.warning("step %s: lease lost before it could be closed", claim.step.id)
+        record_orphan_usage(claim)
 
 
 def record_orphan_usage(claim: Claimed) -> None:

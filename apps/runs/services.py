@@ -95,6 +95,15 @@ STOP_ACTIONS: dict[str, str] = {
 }
 
 
+# The stop signal each ending sends to the engines (operators.base.stop_exception): a run
+# stopped for failing only ever fails by expiring.
+STOP_SIGNALS: dict[str, str] = {
+    RunStatus.CANCELLED: "cancelled",
+    RunStatus.FAILED: "deadline",
+    RunStatus.BUDGET_EXCEEDED: "budget_exceeded",
+}
+
+
 def stop_run(
     run: Run, *, to: str, reason: str, actor: Actor, skip_reason: str | None = None
 ) -> bool:
@@ -110,7 +119,7 @@ def stop_run(
         if stopped:
             # Engines generating for this run abort within a decode step, not at the next
             # heartbeat (workers/control.py).
-            publish_stop_on_commit(to, runs=[run.id], detail=reason)
+            publish_stop_on_commit(STOP_SIGNALS[to], runs=[run.id], detail=reason)
             record(
                 tenant=run.tenant,
                 actor=actor,
