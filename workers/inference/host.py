@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 from collections.abc import Collection, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from workers.inference.base import (
@@ -63,7 +62,6 @@ class Generation:
     finished: Finished | None = None
     # (time produced, tokens) of every delta, to count what came after the stop signal.
     produced: list[tuple[float, int]] = field(default_factory=list)
-    future: "Future[None] | None" = None
     deadline_timer: asyncio.TimerHandle | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -168,7 +166,7 @@ class EngineHost:
         with self._lock:
             self._running[request.request_id] = generation
         loop = self.loop
-        generation.future = asyncio.run_coroutine_threadsafe(self._pump(engine, generation), loop)
+        asyncio.run_coroutine_threadsafe(self._pump(engine, generation), loop)
         if deadline is not None:
             at, kind = deadline
             loop.call_soon_threadsafe(self._arm_deadline, generation, at, kind)

@@ -49,6 +49,10 @@ class Faults:
     after_tokens: int = 5  # for stall and drop: tokens sent before the stream breaks
     stall_s: float = 2.0  # for stall and timeout: how long the client waits before giving up
 
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"simulated fault kind must be one of {', '.join(FAULT_KINDS)}")
+
     def hits(self, request: GenerationRequest) -> bool:
         if request.attempt <= self.first_attempts:
             return True

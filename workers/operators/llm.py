@@ -3,6 +3,7 @@ that model's worker pool (queue gpu.<model>), metered against the budgets token 
 and stopped inside the engine the moment any stop signal arrives."""
 
 import time
+from decimal import Decimal
 from typing import Any
 
 from workers.inference.base import EngineRejected, GenerationRequest
@@ -110,7 +111,7 @@ class Generate(Operator):
 
 
 def stream_metered(
-    ctx: StepContext, spec: ModelSpec, generation: Generation, prompt_cost: Any
+    ctx: StepContext, spec: ModelSpec, generation: Generation, prompt_cost: Decimal
 ) -> str:
     """Reads the stream to its end, counting spend as tokens arrive. A crossed budget stops
     this generation at once; the meter tells every other worker to stop theirs."""
