@@ -303,3 +303,17 @@ def test_cancelling_closes_the_providers_stream(
     assert record.client_closed_at is not None and not record.completed
     assert record.tokens_sent - step.tokens_out <= 1  # nothing streamed to nobody
     wait_until(lambda: fake_provider.active_streams() == 0, 5, "the stream to end")
+
+
+def test_a_tenants_negotiated_price_is_what_its_usage_costs(
+    world: World, slow_platform: Platform
+) -> None:
+    world.acme.model_overrides = {"default": {"usd_per_mtok_in": "0", "usd_per_mtok_out": "10"}}
+    world.acme.full_clean()
+    world.acme.save(update_fields=["model_overrides"])
+    run = wait_for_run(start(world, "negotiated", spec(max_tokens=4)))
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    [step] = gen_steps(run)
+    # $10 per million completion tokens, prompt free, instead of the platform's prices.
+    assert step.cost_usd == Decimal(10) * step.tokens_out / 1_000_000
+    assert step.model == "default" and step.tokens_out > 0
