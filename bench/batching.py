@@ -31,13 +31,12 @@ from bench.inference_kit import (
     TTFT_MS,
     drive_direct,
     full_length_inputs,
-    gpu_env,
+    inference_workers,
     keep_logs,
     rendered_prompt,
     warm_up,
 )
-from bench.stack import beat, services, worker
-from workers.queues import CPU_WORKER_QUEUES
+from bench.stack import beat, services
 
 CONCURRENCY = (1, 8, 32, 128)
 CAPACITY = 128
@@ -213,16 +212,7 @@ def main(*, quick: bool) -> int:
         tenant = create_tenant(slug="bench", name="Bench", actor="bench")
         try:
             with (
-                worker(root, "cpu", CPU_WORKER_QUEUES, [], concurrency=2),
-                worker(
-                    root,
-                    "gpu",
-                    ["gpu"],
-                    [],
-                    concurrency=CAPACITY + 8,
-                    pool="threads",
-                    env=gpu_env(CAPACITY),
-                ),  # fmt: skip
+                inference_workers(root, threads=CAPACITY + 8, batch_capacity=CAPACITY),
                 tenant_context(tenant),
             ):
                 warm_up()

@@ -7,6 +7,8 @@ import hashlib
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,3 +174,17 @@ async def drive_direct(
         await engine.close()
     wall = max(d.finished_at or time.time() for d in drained) - started
     return list(drained), wall, engine.decode_steps
+
+
+@contextmanager
+def inference_workers(root: Path, *, threads: int, batch_capacity: int) -> Iterator[None]:
+    """A CPU worker for sources and fan-outs, and one GPU worker (threads) whose simulated
+    engine runs at the benchmarks' pace."""
+    from bench.stack import worker
+    from workers.queues import CPU_WORKER_QUEUES
+
+    gpu = worker(
+        root, "gpu", ["gpu"], [], concurrency=threads, pool="threads", env=gpu_env(batch_capacity)
+    )
+    with worker(root, "cpu", CPU_WORKER_QUEUES, [], concurrency=2), gpu:
+        yield

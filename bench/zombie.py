@@ -44,7 +44,7 @@ from bench.inference_kit import (
     Leave,
     drive_direct,
     full_length_inputs,
-    gpu_env,
+    inference_workers,
     keep_logs,
     llm_spec,
     pct,
@@ -52,8 +52,7 @@ from bench.inference_kit import (
     rounded,
     warm_up,
 )
-from bench.stack import beat, services, worker
-from workers.queues import CPU_WORKER_QUEUES
+from bench.stack import beat, services
 
 MAX_TOKENS = 400
 PATHS = ("api", "deadline", "budget")
@@ -412,16 +411,7 @@ def main(*, quick: bool) -> int:
         tenant = create_tenant(slug="bench", name="Bench", actor="bench")
         try:
             with (
-                worker(root, "cpu", CPU_WORKER_QUEUES, [], concurrency=2),
-                worker(
-                    root,
-                    "gpu",
-                    ["gpu"],
-                    [],
-                    concurrency=count + 8,
-                    pool="threads",
-                    env=gpu_env(capacity),
-                ),  # fmt: skip
+                inference_workers(root, threads=count + 8, batch_capacity=capacity),
                 tenant_context(tenant),
             ):
                 warm_up()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.harness.fake_openai import TEMPLATE_TOKENS, FakeOpenAI, Fault
+from tests.workers.engine_streams import collect
 from workers.inference.base import (
     EngineError,
     EngineRejected,
@@ -49,21 +50,6 @@ def request(
         temperature=temperature,
         extra=extra or {},
     )
-
-
-async def collect(
-    engine: OpenAIEngine, req: GenerationRequest
-) -> tuple[list[TokenDelta], Finished]:
-    deltas: list[TokenDelta] = []
-    finished: list[Finished] = []
-    async for item in engine.generate(req):
-        assert not finished, "an item came after Finished"
-        if isinstance(item, Finished):
-            finished.append(item)
-        else:
-            deltas.append(item)
-    assert len(finished) == 1
-    return deltas, finished[0]
 
 
 def failure(engine: OpenAIEngine, req: GenerationRequest | None = None) -> EngineError:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.workers.engine_streams import collect
 from workers.inference.base import EngineUnavailable, Finished, GenerationRequest, TokenDelta
 from workers.inference.simulated import Faults, SimulatedEngine, prompt_tokens, tokens_for
 
@@ -30,21 +31,6 @@ def request(
     return GenerationRequest(
         request_id=request_id, prompt=prompt, max_tokens=max_tokens, attempt=attempt
     )
-
-
-async def collect(
-    eng: SimulatedEngine, req: GenerationRequest
-) -> tuple[list[TokenDelta], Finished]:
-    deltas: list[TokenDelta] = []
-    finished: list[Finished] = []
-    async for item in eng.generate(req):
-        assert not finished, "an item came after Finished"
-        if isinstance(item, Finished):
-            finished.append(item)
-        else:
-            deltas.append(item)
-    assert len(finished) == 1
-    return deltas, finished[0]
 
 
 def run(eng: SimulatedEngine, work: Callable[[], Awaitable[Any]]) -> Any:
