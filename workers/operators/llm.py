@@ -93,7 +93,9 @@ class Generate(Operator):
         )
         prompt_cost = spec.cost(estimate_prompt_tokens(prompt), 0)
         ctx.budget.check_start(prompt_cost)  # a step that would cross a budget does not start
-        ctx.heartbeat()  # nor one whose run ended while it was being prepared
+        # Nor one past its deadline or lease. A run stopped meanwhile is caught when the
+        # generation registers for stop signals (execution.start_generation).
+        ctx.heartbeat()
         assert ctx.start_generation is not None, "llm.generate needs the inference runtime"
         started = time.monotonic()
         generation = ctx.start_generation(spec, request)
