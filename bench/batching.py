@@ -40,7 +40,6 @@ from bench.stack import beat, services
 
 CONCURRENCY = (1, 8, 32, 128)
 CAPACITY = 128
-POLL_S = 0.05
 RUN_TIMEOUT_S = 120.0
 TARGET_RATIO = 0.9
 # A fan-out item arrives as {"item": <the run input's dict>, "index": i}: the same prompt.
@@ -82,19 +81,13 @@ def fanout_spec(max_tokens: int) -> dict[str, Any]:
 def sluice_tokens_per_s(version: Any, inputs: list[dict[str, Any]]) -> dict[str, float]:
     """Tokens/s over the llm steps' window and end to end for one fan-out of C items, with
     how the window splits: the spread of the steps' claims and a step's median duration."""
-    from apps.runs.models import Run, Step
+    from apps.runs.models import Step
     from apps.runs.services import start_run
+    from tests.runs.helpers import wait_for_run
 
     first_start = time.time()
     run = start_run(version=version, payload={"items": inputs}, actor="bench")
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while True:
-        run.refresh_from_db()
-        if not run.is_active:
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"run still active after {RUN_TIMEOUT_S:.0f}s")
-        time.sleep(POLL_S)
+    run = wait_for_run(run, timeout=RUN_TIMEOUT_S)  # e2e uses finished_at, not the poll
     if run.status != "succeeded":
         raise RuntimeError(f"the run did not succeed: {run.status} {run.error}")
     steps = list(
@@ -108,7 +101,7 @@ def sluice_tokens_per_s(version: Any, inputs: list[dict[str, Any]]) -> dict[str,
     e2e = run.finished_at.timestamp() - first_start
     claims = [s for _, s, _ in steps]
     split = Step.objects.get(run_id=run.id, node_id="split")
-    assert split.finished_at is not None and Run.objects.filter(id=run.id).exists()
+    assert split.finished_at is not None
     return {
         "first_claim_s": min(claims).timestamp() - first_start,
         "fanout_commit_s": split.finished_at.timestamp() - first_start,

@@ -39,12 +39,12 @@ class Meter:
     label: str  # "run" or "tenant monthly", for the figure in the error
     scope: dict[str, Any]  # who to stop when crossed: runs=[...] or tenant=...
     seed_rows: Any  # the Usage queryset whose sum seeds the meter
+    ttl_s: int
     known_nanos: int | None = None  # the meter's total as of this step's last flush
 
     def seed(self) -> None:
         spent = self.seed_rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
-        ttl = RUN_METER_TTL_S if self.label == "run" else TENANT_METER_TTL_S
-        control.redis_client().set(self.key, int(spent * NANO), nx=True, ex=ttl)
+        control.redis_client().set(self.key, int(spent * NANO), nx=True, ex=self.ttl_s)
 
     def read_nanos(self) -> int:
         value = control.redis_client().get(self.key)
@@ -116,6 +116,7 @@ def budget_for(run: Any, tenant: Any) -> SpendMeter:
                 label="run",
                 scope={"runs": [run.id]},
                 seed_rows=Usage.unscoped_all_tenants.filter(run_id=run.id),
+                ttl_s=RUN_METER_TTL_S,
             )
         )
     if tenant.monthly_budget_usd is not None:
@@ -127,6 +128,7 @@ def budget_for(run: Any, tenant: Any) -> SpendMeter:
                 label="tenant monthly",
                 scope={"tenant": tenant.id},
                 seed_rows=Usage.unscoped_all_tenants.filter(tenant_id=tenant.id, at__gte=start),
+                ttl_s=TENANT_METER_TTL_S,
             )
         )
     return Budget(meters) if meters else NoBudget()

@@ -213,6 +213,16 @@ def run_operator(claim: Claimed) -> StepResult:
     heartbeat = Heartbeat(claim)
     operator = REGISTRY[node["type"]]
     tenant = current_tenant()
+    # Registry, budgets and the engine host only for steps that generate: not on the path
+    # of every CPU step.
+    inference: dict[str, Any] = {}
+    if operator.uses_inference:
+        inference = {
+            "models": models_for(tenant.model_overrides),
+            "start_generation": lambda spec, request: start_generation(claim, spec, request),
+            "budget": budget_for(claim.run, tenant),
+            "report_usage": lambda usage: setattr(claim, "usage", usage),
+        }
     ctx = StepContext(
         run_id=str(claim.run.id),
         step_id=str(step.id),
@@ -226,10 +236,7 @@ def run_operator(claim: Claimed) -> StepResult:
         ),
         outbound_allowlist=frozenset(tenant.outbound_allowlist),
         failures=tuple(collect_failures(step)) if operator.is_collect else (),
-        models=models_for(tenant.model_overrides),
-        start_generation=lambda spec, request: start_generation(claim, spec, request),
-        budget=budget_for(claim.run, tenant),
-        report_usage=lambda usage: setattr(claim, "usage", usage),
+        **inference,
     )
     heartbeat()  # a step already past its deadline does not start
     started = time.monotonic()

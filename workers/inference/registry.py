@@ -141,6 +141,8 @@ def platform_models() -> dict[str, ModelSpec]:
 
 def models_for(overrides: dict[str, Any]) -> dict[str, ModelSpec]:
     """The registry as one tenant sees it: its overrides applied over the platform's."""
+    if not overrides:
+        return platform_models()
     models = dict(platform_models())
     for name, fields in overrides.items():
         base = models[name]

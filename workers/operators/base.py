@@ -164,6 +164,8 @@ class Operator:
     # A fan-out's outputs are items of a new scope; a collect consumes one scope's items at once.
     opens_scope: ClassVar[bool] = False
     is_collect: ClassVar[bool] = False
+    # Gets the model registry, the budgets and a way to start generations in its context.
+    uses_inference: ClassVar[bool] = False
 
     def queue(self, node: JSON) -> str:
         """The Celery queue this node's steps run on."""

@@ -38,6 +38,7 @@ def estimate_prompt_tokens(prompt: str) -> int:
 class Generate(Operator):
     type_name = "llm.generate"
     description = "Generates text from a prompt template with a registered model."
+    uses_inference = True
     config_schema = {
         "type": "object",
         "additionalProperties": False,
