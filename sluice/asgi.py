@@ -1,5 +1,4 @@
-"""ASGI entry point: HTTP through Django, WebSockets through Channels (routes arrive with
-the realtime run view)."""
+"""ASGI entry point: HTTP through Django, WebSockets through Channels (apps/live)."""
 
 import os
 
@@ -9,17 +8,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sluice.settings")
 # Django must be set up before anything imports consumers or models.
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
 
-websocket_urlpatterns: list[object] = []
+from apps.live.routing import websocket_application  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
+        "websocket": websocket_application(),
     }
 )

@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "apps.audit",
     "apps.graphs",
     "apps.runs",
+    "apps.live",
 ]
 
 MIDDLEWARE = [
@@ -96,10 +97,13 @@ DATABASES = {"default": database_from_url(_database_url)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", f"redis://127.0.0.1:{embedded_paths.DEFAULT_REDIS_PORT}/0")
+# Pub/sub layer with JSON messages: a run's frames go out as one PUBLISH per batch from the
+# same Redis script that numbers and stores them (apps/live/publisher.py), and every web
+# process following that run gets them; nothing queues in Redis for a slow consumer.
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [redis_url_with_db(REDIS_URL, 2)]},
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [redis_url_with_db(REDIS_URL, 2)], "serializer_format": "json"},
     }
 }
 
@@ -146,6 +150,16 @@ SLUICE_SIM_BATCH_CAPACITY = env_int("SLUICE_SIM_BATCH_CAPACITY", 64, minimum=1)
 # simulated models, e.g. {"llama-8b": {"engine": "openai", "params": {"base_url": ...,
 # "model": ...}, "usd_per_mtok_in": 0.2, "usd_per_mtok_out": 0.6, "quality": 2}}.
 SLUICE_MODELS = env_json_object("SLUICE_MODELS")
+
+# The live run view (apps/live): token deltas of one stream are coalesced into frames at
+# most this far apart; a WebSocket client may have this many frames un-acknowledged before
+# it is switched to catching up from storage; SSE sends a keep-alive comment this often;
+# a run with on_disconnect: cancel is cancelled this long after its last viewer left
+# (policies.disconnect_grace_s overrides it per graph).
+SLUICE_FEED_FRAME_MS = env_float("SLUICE_FEED_FRAME_MS", 30.0, minimum=1.0)
+SLUICE_FEED_WINDOW = env_int("SLUICE_FEED_WINDOW", 512, minimum=8)
+SLUICE_SSE_HEARTBEAT_S = env_float("SLUICE_SSE_HEARTBEAT_S", 15.0, minimum=0.1)
+SLUICE_VIEWER_GRACE_S = env_float("SLUICE_VIEWER_GRACE_S", 15.0, minimum=0.0)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -5,6 +5,7 @@ from uuid import UUID
 
 from celery import Task, shared_task
 
+from apps.live import viewers
 from apps.runs import execution, sweeper
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
@@ -37,5 +38,7 @@ def execute_step(self: Task, tenant_id: int, step_id: str) -> None:
 @shared_task(name="sluice.sweep", ignore_result=True)
 def sweep() -> None:
     found = sweeper.sweep()
+    # Runs with on_disconnect: cancel whose last viewer left more than the grace period ago.
+    found["abandoned_runs"] = viewers.cancel_abandoned_runs()
     if any(found.values()):
         logger.info("sweeper: %s", found)

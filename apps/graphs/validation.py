@@ -87,6 +87,7 @@ SPEC_SCHEMA: JSON = {
                 "budget_usd": {"type": "number", "minimum": 0},
                 "max_fanout": {"type": "integer", "minimum": 1, "maximum": 100_000},
                 "on_disconnect": {"enum": ["cancel", "detach"]},
+                "disconnect_grace_s": {"type": "number", "minimum": 0, "maximum": 3600},
             },
         },
     },

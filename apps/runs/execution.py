@@ -16,6 +16,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from apps.graphs.validation import spec_max_fanout
+from apps.live.publisher import FEED
 from apps.runs import effects
 from apps.runs.budgets import budget_for
 from apps.runs.dispatch import StepMessage, send_on_commit
@@ -151,18 +152,18 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
             "started_at": now,
             "not_before": None,
         }
-        if not transition_step(step.id, from_=(step.status,), to=StepStatus.RUNNING, **changes):
+        if not transition_step(step, from_=(step.status,), to=StepStatus.RUNNING, **changes):
             return None
         for field, value in {**changes, "status": StepStatus.RUNNING}.items():
             setattr(step, field, value)
         if run.status == RunStatus.QUEUED:
-            transition_run(run.id, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING, started_at=now)
+            transition_run(run, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING, started_at=now)
     return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
 
 
 def _skip(step: Step, run: Run, reason: str, *, failed: bool = False) -> None:
     transition_step(
-        step.id,
+        step,
         from_=(step.status,),
         to=StepStatus.SKIPPED,
         skip_reason=reason,
@@ -222,6 +223,14 @@ def run_operator(claim: Claimed) -> StepResult:
             "start_generation": lambda spec, request: start_generation(claim, spec, request),
             "budget": budget_for(claim.run, tenant),
             "report_usage": lambda usage: setattr(claim, "usage", usage),
+            "open_token_stream": lambda: FEED.stream(
+                tenant_id=step.tenant_id,
+                run_id=step.run_id,
+                step_id=step.id,
+                node=step.node_id,
+                item=step.item_index,
+                attempt=step.attempt,
+            ),
         }
     ctx = StepContext(
         run_id=str(claim.run.id),
@@ -353,7 +362,7 @@ def _end(
     if claim.usage is not None:
         fields.update(record_usage(step.id, run, claim.usage))
     moved = transition_step(
-        step.id,
+        step,
         from_=(StepStatus.RUNNING,),
         to=to,
         holding_lease=claim.token,
@@ -401,7 +410,7 @@ def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
     with transaction.atomic():
         usage = record_usage(claim.step.id, claim.run, claim.usage) if claim.usage else {}
         moved = transition_step(
-            claim.step.id,
+            claim.step,
             from_=(StepStatus.RUNNING,),
             to=StepStatus.FAILED,
             holding_lease=claim.token,

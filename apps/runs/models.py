@@ -39,6 +39,9 @@ class Run(TenantModel):
     deadline = models.DateTimeField(null=True, blank=True)
     budget_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     on_disconnect = models.CharField(max_length=16, default="detach")
+    # How long a `cancel` run may have no viewer before it is cancelled; empty: the default
+    # (SLUICE_VIEWER_GRACE_S).
+    disconnect_grace_s = models.FloatField(null=True, blank=True)
     # Steps not yet in a final state. Changed only inside step transactions; zero ends the run.
     open_steps = models.IntegerField(default=0)
     # Re-attempts so far (failed attempts and lost workers), held under the retry budget.

@@ -57,7 +57,7 @@ def replay_dead_steps(run: Run, *, actor: Actor, step_ids: list[UUID] | None = N
             _requeue(step, run)
         if locked.status == RunStatus.FAILED:
             transition_run(
-                run.id, from_=(RunStatus.FAILED,), to=RunStatus.RUNNING, error="", finished_at=None
+                run, from_=(RunStatus.FAILED,), to=RunStatus.RUNNING, error="", finished_at=None
             )
         Run.objects.filter(id=run.id).update(
             open_steps=F("open_steps") + len(steps),
@@ -104,7 +104,7 @@ def _requeue(step: Step, run: Run) -> None:
     # What a newly created step of this node would get: attempts, deadline, enqueue time.
     fresh = new_step(run, run.nodes[step.node_id], step.inputs, step.scopes)
     transition_step(
-        step.id,
+        step,
         from_=(StepStatus.DEAD,),
         to=StepStatus.QUEUED,
         attempt=0,

@@ -68,6 +68,7 @@ def start_run(
             deadline=now + timedelta(seconds=policies["ttl_s"]) if "ttl_s" in policies else None,
             budget_usd=Decimal(str(policies["budget_usd"])) if "budget_usd" in policies else None,
             on_disconnect=policies.get("on_disconnect", "detach"),
+            disconnect_grace_s=policies.get("disconnect_grace_s"),
             open_steps=1,
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
         )
@@ -114,7 +115,7 @@ def stop_run(
     now = timezone.now()
     with transaction.atomic():
         stopped = transition_run(
-            run.id, from_=ACTIVE_RUN_STATUSES, to=to, error=reason, finished_at=now
+            run, from_=ACTIVE_RUN_STATUSES, to=to, error=reason, finished_at=now
         )
         if stopped:
             # Engines generating for this run abort within a decode step, not at the next

@@ -229,7 +229,7 @@ def finish_run(run: Run, *, from_status: str, failures: int) -> None:
     """The last open step settled. Failures a collect absorbed do not fail the run."""
     if not failures:
         transition_run(
-            run.id, from_=(from_status,), to=RunStatus.SUCCEEDED, finished_at=timezone.now()
+            run, from_=(from_status,), to=RunStatus.SUCCEEDED, finished_at=timezone.now()
         )
         return
     failed = Step.objects.filter(FAILED_STEP, run_id=run.id)
@@ -239,7 +239,7 @@ def finish_run(run: Run, *, from_status: str, failures: int) -> None:
         for node, error, reason in failed.values_list("node_id", "error", "skip_reason")[:5]
     ]
     transition_run(
-        run.id,
+        run,
         from_=(from_status,),
         to=RunStatus.FAILED,
         error=f"{count} failed step{'' if count == 1 else 's'}: {'; '.join(named)}",

@@ -69,7 +69,7 @@ def release_expired_lease(step_id: object) -> int:
         dead = give_up_reason(run.id, run.tenant_id, step.attempt, step.max_attempts, lost)
         if dead is not None:
             transition_step(
-                step.id,
+                step,
                 from_=(StepStatus.RUNNING,),
                 to=StepStatus.DEAD,
                 error=dead,
@@ -79,7 +79,7 @@ def release_expired_lease(step_id: object) -> int:
             send_on_commit(settle(step, run, Routing(), failed=True))
             return 1
         transition_step(
-            step.id,
+            step,
             from_=(StepStatus.RUNNING,),
             to=StepStatus.QUEUED,
             error=f"attempt {step.attempt}/{step.max_attempts}: {lost}",

@@ -1,10 +1,16 @@
 """The only way a run or a step changes status: a conditional UPDATE from the statuses the
 caller expects, checked against the allowed transitions. A race (cancel against the last
-step's commit) shows as False; a transition the state machine forbids raises."""
+step's commit) shows as False; a transition the state machine forbids raises.
+
+Every change is announced on the run's live feed once its transaction commits
+(apps/live): the run page's counts and a failed step's error appear without a reload."""
 
 from typing import Any
 from uuid import UUID
 
+from django.db import transaction
+
+from apps.live.publisher import FEED
 from apps.runs.models import Run, RunStatus, Step, StepStatus
 
 RUN_TRANSITIONS: dict[str, set[str]] = {
@@ -51,13 +57,18 @@ def _check(table: dict[str, set[str]], kind: str, from_: tuple[str, ...], to: st
             raise IllegalTransition(f"{kind} cannot go from {status} to {to}")
 
 
-def transition_run(run_id: UUID, *, from_: tuple[str, ...], to: str, **fields: Any) -> bool:
+def transition_run(run: Run, *, from_: tuple[str, ...], to: str, **fields: Any) -> bool:
     _check(RUN_TRANSITIONS, "run", from_, to)
-    return Run.objects.filter(id=run_id, status__in=from_).update(status=to, **fields) == 1
+    moved = Run.objects.filter(id=run.id, status__in=from_).update(status=to, **fields) == 1
+    if moved:
+        frame = {"type": "run", "status": to, "error": fields.get("error", "")}
+        tenant_id, run_id = run.tenant_id, run.id
+        transaction.on_commit(lambda: FEED.frame(tenant_id, run_id, frame))
+    return moved
 
 
 def transition_step(
-    step_id: UUID,
+    step: Step,
     *,
     from_: tuple[str, ...],
     to: str,
@@ -66,10 +77,30 @@ def transition_step(
 ) -> bool:
     """With holding_lease, only the worker holding that lease token can make the change."""
     _check(STEP_TRANSITIONS, "step", from_, to)
-    rows = Step.objects.filter(id=step_id, status__in=from_)
+    rows = Step.objects.filter(id=step.id, status__in=from_)
     if holding_lease is not None:
         rows = rows.filter(lease_token=holding_lease)
-    return rows.update(status=to, **fields) == 1
+    moved = rows.update(status=to, **fields) == 1
+    if moved:
+        _announce_step(step, to, fields)
+    return moved
+
+
+def _announce_step(step: Step, to: str, fields: dict[str, Any]) -> None:
+    frame: dict[str, Any] = {
+        "type": "step",
+        "step": str(step.id),
+        "node": step.node_id,
+        "item": step.item_index,
+        "status": to,
+        "attempt": fields.get("attempt", step.attempt),
+    }
+    if fields.get("error"):
+        frame["error"] = fields["error"]
+    if fields.get("skip_reason"):
+        frame["skip_reason"] = fields["skip_reason"]
+    tenant_id, run_id = step.tenant_id, step.run_id
+    transaction.on_commit(lambda: FEED.frame(tenant_id, run_id, frame))
 
 
 def skip_waiting_steps(step_ids: list[UUID], *, reason: str, **fields: Any) -> int:

@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 
@@ -13,11 +14,15 @@ def membership_for(request: HttpRequest) -> Membership | None:
 
     Runs before any tenant is set, so it uses the unscoped manager, filtered by user.
     """
-    user = request.user
-    if not user.is_authenticated:
+    return membership_for_user(request.user, request.session.get(SESSION_TENANT_KEY))
+
+
+def membership_for_user(user: Any, chosen: object) -> Membership | None:
+    """The user's membership in tenant `chosen` (from their session), else their first.
+    Shared by the web middleware and the live feed's websocket and SSE."""
+    if user is None or not user.is_authenticated:
         return None
     memberships = Membership.unscoped_all_tenants.select_related("tenant").filter(user=user)
-    chosen = request.session.get(SESSION_TENANT_KEY)
     if chosen is not None:
         membership = memberships.filter(tenant_id=chosen).first()
         if membership is not None:

@@ -38,8 +38,8 @@ def attempt(step: Step) -> Any:
     token = uuid4()
     status = Step.objects.get(id=step.id).status
     if status == StepStatus.RUNNING:  # the previous attempt's worker died: lease expired
-        transition_step(step.id, from_=(StepStatus.RUNNING,), to=StepStatus.QUEUED)
-    transition_step(step.id, from_=(StepStatus.QUEUED,), to=StepStatus.RUNNING, lease_token=token)
+        transition_step(step, from_=(StepStatus.RUNNING,), to=StepStatus.QUEUED)
+    transition_step(step, from_=(StepStatus.QUEUED,), to=StepStatus.RUNNING, lease_token=token)
     return token
 
 

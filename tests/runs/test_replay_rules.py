@@ -38,7 +38,7 @@ def test_a_queued_run_is_refused(world: World, run: Run) -> None:
 
 def test_a_running_run_without_dead_steps_is_refused(world: World, run: Run) -> None:
     with tenant_context(world.acme):
-        transition_run(run.id, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING)
+        transition_run(run, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING)
     assert refusal(world, run) == "the run has no dead steps to replay"
 
 

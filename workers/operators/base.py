@@ -110,6 +110,22 @@ class NoBudget:
         return None
 
 
+class TokenSink(Protocol):
+    """Where a generating step sends its tokens as they come (the run's live feed)."""
+
+    def write(self, text: str, tokens: int, at: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NoTokens:
+    def write(self, text: str, tokens: int, at: float) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 # perform_effect(name, request, call): runs call(idempotency_key) through the effect ledger,
 # at most once to completion across every attempt of the step; returns the recorded result.
 EffectRunner = Callable[[str, JSON, Callable[[str], JSON]], JSON]
@@ -142,6 +158,8 @@ class StepContext:
     start_generation: Callable[["ModelSpec", "GenerationRequest"], "Generation"] | None = None
     budget: SpendMeter = field(default_factory=NoBudget)
     report_usage: Callable[[UsageRecord], None] = lambda usage: None
+    # Opens this attempt's token stream to the run's live feed; close it when generation ends.
+    open_token_stream: Callable[[], TokenSink] = NoTokens
 
 
 @dataclass(frozen=True)

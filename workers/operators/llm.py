@@ -18,6 +18,7 @@ from workers.operators.base import (
     SpecIssue,
     StepContext,
     StepResult,
+    TokenSink,
     UsageRecord,
     register,
     stop_exception,
@@ -100,11 +101,13 @@ class Generate(Operator):
         assert ctx.start_generation is not None, "llm.generate needs the inference runtime"
         started = time.monotonic()
         generation = ctx.start_generation(spec, request)
+        tokens = ctx.open_token_stream()
         try:
-            text = stream_metered(ctx, spec, generation, prompt_cost)
+            text = stream_metered(ctx, spec, generation, prompt_cost, tokens)
         except EngineRejected as exc:
             raise PermanentError(f"model {spec.name}: {exc}") from exc
         finally:
+            tokens.close()
             ctx.report_usage(usage_of(spec, generation, request, time.monotonic() - started))
         if generation.stop_signal is not None:
             signal = generation.stop_signal
@@ -114,16 +117,22 @@ class Generate(Operator):
 
 
 def stream_metered(
-    ctx: StepContext, spec: ModelSpec, generation: Generation, prompt_cost: Decimal
+    ctx: StepContext,
+    spec: ModelSpec,
+    generation: Generation,
+    prompt_cost: Decimal,
+    tokens: TokenSink,
 ) -> str:
-    """Reads the stream to its end, counting spend as tokens arrive. A crossed budget stops
-    this generation at once; the meter tells every other worker to stop theirs."""
+    """Reads the stream to its end, passing each delta to the live feed and counting spend
+    as tokens arrive. A crossed budget stops this generation at once; the meter tells every
+    other worker to stop theirs."""
     parts = []
     crossed = ctx.budget.add(prompt_cost)
     if crossed:
         generation.stop(StopSignal("budget", time.time(), crossed))
     for delta in generation:
         parts.append(delta.text)
+        tokens.write(delta.text, delta.tokens, delta.at)
         crossed = ctx.budget.add(spec.cost(0, delta.tokens))
         if crossed:
             generation.stop(StopSignal("budget", time.time(), crossed))

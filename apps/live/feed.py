@@ -1,0 +1,105 @@
+"""Where a run's feed lives in Redis, and the script that numbers, stores and publishes
+frames in one step. Shared by the writer (publisher.py) and the readers (store.py).
+
+- `sluice:feed:{<run>}:seq`: the run's frame counter.
+- `sluice:feed:{<run>}`: a Redis stream of the run's recent frames, entry id `<seq>-0`,
+  field `f` = the frame's JSON. PostgreSQL (RunFrame) has them all; this is the hot tail.
+- The channel layer group `run.<run>`: live followers. The layer is Channels' Redis
+  pub/sub layer with JSON messages, so a group is one Redis pub/sub channel and a message
+  is plain JSON; the script publishes `{"type": "feed.frames", "frames": [...]}` there.
+"""
+
+import asyncio
+from functools import cache
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from django.conf import settings
+
+# How long Redis keeps a run's tail after its last frame (PostgreSQL keeps everything),
+# and its counter (a run quiet for longer re-seeds it from PostgreSQL).
+STREAM_TTL_S = 3600
+COUNTER_TTL_S = 7 * 86400
+STREAM_MAX_LEN = 20_000
+# Channels' pub/sub layer names a group's Redis channel "<prefix>__group__<group>" with
+# prefix "asgi"; tests/live/test_feed.py proves a consumer receives what we publish there.
+LAYER_PREFIX = "asgi"
+
+
+def group_name(run_id: object) -> str:
+    return f"run.{run_id}"
+
+
+def layer_channel(run_id: object) -> str:
+    return f"{LAYER_PREFIX}__group__{group_name(run_id)}"
+
+
+def counter_key(run_id: object) -> str:
+    # The braces keep a run's two keys in one Redis Cluster slot (the script needs both).
+    return f"sluice:feed:{{{run_id}}}:seq"
+
+
+def stream_key(run_id: object) -> str:
+    return f"sluice:feed:{{{run_id}}}"
+
+
+def numbered(seq: int, body: str) -> str:
+    """A frame body (a JSON object without seq) with its sequence number first; the script
+    does the same in Lua."""
+    return f'{{"seq":{seq},{body[1:]}' if body != "{}" else f'{{"seq":{seq}}}'
+
+
+def seq_of(stream_id: bytes | str) -> int:
+    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    return int(text.split("-", 1)[0])
+
+
+# KEYS: counter, stream. ARGV: layer channel, stream ttl, counter ttl, stream max length,
+# then the frames (JSON objects without seq). Returns the first frame's seq, or -1 when the
+# run has no counter (new, or expired): the caller seeds it from PostgreSQL and tries again.
+APPEND_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local n = #ARGV - 4
+local last = redis.call('INCRBY', KEYS[1], n)
+local first = last - n + 1
+local frames = {}
+for i = 1, n do
+  local seq = first + i - 1
+  local body = ARGV[4 + i]
+  local frame
+  if body == '{}' then frame = '{"seq":' .. seq .. '}'
+  else frame = '{"seq":' .. seq .. ',' .. string.sub(body, 2) end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'f', frame)
+  frames[i] = frame
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local message = '{"type":"feed.frames","frames":[' .. table.concat(frames, ',') .. ']}'
+redis.call('PUBLISH', ARGV[1], message)
+return first
+"""
+
+
+def feed_redis_url() -> str:
+    layer: Any = settings.CHANNEL_LAYERS["default"]
+    return str(layer["CONFIG"]["hosts"][0])
+
+
+@cache
+def feed_redis() -> Any:
+    """A thread-safe client (connection pool) for this process."""
+    return redis.Redis.from_url(feed_redis_url(), socket_timeout=5, socket_connect_timeout=5)
+
+
+_async_clients: dict[asyncio.AbstractEventLoop, Any] = {}
+
+
+def async_feed_redis() -> Any:
+    """The asyncio client of the running event loop (a web process has one)."""
+    loop = asyncio.get_running_loop()
+    client = _async_clients.get(loop)
+    if client is None:
+        client = aioredis.Redis.from_url(feed_redis_url(), socket_connect_timeout=5)
+        _async_clients[loop] = client
+    return client

@@ -1,0 +1,330 @@
+"""Writes runs' feeds. One background thread per process takes frames from a queue, so a
+step never waits on Redis: token deltas are coalesced per stream, numbered, stored in the
+run's Redis stream and published to the channel layer in one script call per run and
+batch (feed.APPEND_SCRIPT), then handed to the archive thread, which writes them to
+PostgreSQL in batches. No database write per token.
+
+Coalescing: the first delta after a quiet period goes out at once; deltas that follow
+within SLUICE_FEED_FRAME_MS wait for the end of that interval and go out together. A step
+or run frame first flushes the tokens it follows, so a step's `done` never overtakes its
+last tokens.
+"""
+
+import atexit
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import IntegrityError, close_old_connections, connection
+from django.db.models import Max
+
+from apps.live import feed
+
+logger = logging.getLogger(__name__)
+
+DRAIN_MAX = 5000  # items taken from the queue per pass
+ARCHIVE_EVERY_S = 0.25
+ARCHIVE_BATCH = 2000
+
+
+def utf16_len(text: str) -> int:
+    """Offsets count UTF-16 code units: what a browser's string length counts."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+@dataclass
+class _Stream:
+    """One step attempt's tokens, owned by the publisher thread."""
+
+    tenant_id: int
+    run_id: str
+    step_id: str
+    node: str
+    item: int | None
+    attempt: int
+    offset: int = 0
+    parts: list[str] = field(default_factory=list)
+    tokens: int = 0
+    first_at: float = 0.0
+    last_sent: float = float("-inf")
+    due: float | None = None
+
+    def frame(self) -> dict[str, Any]:
+        text = "".join(self.parts)
+        body = {
+            "type": "tokens",
+            "at": time.time(),
+            "step": self.step_id,
+            "node": self.node,
+            "item": self.item,
+            "attempt": self.attempt,
+            "offset": self.offset,
+            "text": text,
+            "tokens": self.tokens,
+            "t": self.first_at,
+        }
+        self.offset += utf16_len(text)
+        self.parts, self.tokens, self.due = [], 0, None
+        return body
+
+
+class TokenStream:
+    """The writer's handle on one step attempt's tokens. Thread-safe; never blocks."""
+
+    def __init__(self, publisher: "FeedPublisher", key: tuple[str, str, int]) -> None:
+        self._publisher = publisher
+        self._key = key
+
+    def write(self, text: str, tokens: int, at: float) -> None:
+        if text:
+            self._publisher.put(("tokens", self._key, text, tokens, at))
+
+    def close(self) -> None:
+        self._publisher.put(("close", self._key))
+
+
+class _Outbox:
+    """Frames of one pass, per run, in the order they were made."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+
+    def add(self, tenant_id: int, run_id: str, body: dict[str, Any]) -> None:
+        self.runs.setdefault(run_id, (tenant_id, []))[1].append(body)
+
+
+class FeedPublisher:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._archive = FrameArchive()
+
+    # -- called from any thread -------------------------------------------------------
+
+    def stream(
+        self, *, tenant_id: int, run_id: UUID | str, step_id: UUID | str, node: str,
+        item: int | None, attempt: int,
+    ) -> TokenStream:  # fmt: skip
+        state = _Stream(tenant_id, str(run_id), str(step_id), node, item, attempt)
+        key = (state.run_id, state.step_id, attempt)
+        self.put(("open", key, state))
+        return TokenStream(self, key)
+
+    def frame(self, tenant_id: int, run_id: UUID | str, body: dict[str, Any]) -> None:
+        """A step or run frame: `body` has `type` and its fields; `at` and `seq` are added."""
+        self.put(("frame", tenant_id, str(run_id), body))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Waits until everything put so far is published and archived (tests, shutdown)."""
+        if self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        self.put(("sync", done))
+        return done.wait(timeout)
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        self._ensure_running()
+        self._queue.put(item)
+
+    def _ensure_running(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            # After a fork the parent's threads are gone; start this process's own.
+            self._queue = queue.SimpleQueue()
+            self._archive.start()
+            threading.Thread(target=self._run, name="sluice-feed", daemon=True).start()
+            self._pid = os.getpid()
+            atexit.register(self.flush, 2.0)
+
+    # -- the publisher thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        streams: dict[tuple[str, str, int], _Stream] = {}
+        frame_s = settings.SLUICE_FEED_FRAME_MS / 1000
+        while True:
+            due = [s.due for s in streams.values() if s.due is not None]
+            timeout = max(min(due) - time.monotonic(), 0) if due else None
+            try:
+                items = [self._queue.get(timeout=timeout)]
+            except queue.Empty:
+                items = []
+            while len(items) < DRAIN_MAX:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            outbox, syncs = _Outbox(), []
+            for item in items:
+                if item[0] == "sync":
+                    syncs.append(item[1])
+                else:
+                    self._take(item, streams, outbox, frame_s)
+            now = time.monotonic()
+            for state in streams.values():
+                if state.due is not None and state.due <= now:
+                    self._emit(state, outbox, now)
+            try:
+                self._publish(outbox)
+            except Exception:
+                logger.exception("feed: publishing %d runs' frames failed", len(outbox.runs))
+            for done in syncs:
+                self._archive.put(("sync", done))
+
+    def _take(
+        self,
+        item: tuple[Any, ...],
+        streams: dict[tuple[str, str, int], _Stream],
+        outbox: _Outbox,
+        frame_s: float,
+    ) -> None:
+        kind, now = item[0], time.monotonic()
+        if kind == "open":
+            streams[item[1]] = item[2]
+        elif kind == "tokens":
+            state = streams.get(item[1])
+            if state is None:
+                return
+            if not state.parts:
+                state.first_at = item[4]
+            state.parts.append(item[2])
+            state.tokens += item[3]
+            if now - state.last_sent >= frame_s:
+                self._emit(state, outbox, now)
+            elif state.due is None:
+                state.due = state.last_sent + frame_s
+        elif kind == "close":
+            state = streams.pop(item[1], None)
+            if state is not None and state.parts:
+                self._emit(state, outbox, now)
+        elif kind == "frame":
+            _, tenant_id, run_id, body = item
+            step_id = body.get("step")
+            for state in streams.values():
+                if state.parts and state.run_id == run_id and step_id in (None, state.step_id):
+                    self._emit(state, outbox, now)
+            outbox.add(tenant_id, run_id, {"at": time.time(), **body})
+
+    @staticmethod
+    def _emit(state: _Stream, outbox: _Outbox, now: float) -> None:
+        outbox.add(state.tenant_id, state.run_id, state.frame())
+        state.last_sent = now
+
+    def _publish(self, outbox: _Outbox) -> None:
+        if not outbox.runs:
+            return
+        client = feed.feed_redis()
+        append = client.register_script(feed.APPEND_SCRIPT)
+        bodies = {
+            run_id: [json.dumps(body, separators=(",", ":")) for body in frames]
+            for run_id, (_, frames) in outbox.runs.items()
+        }
+        pipe = client.pipeline(transaction=False)
+        for run_id, texts in bodies.items():
+            append(keys=_keys(run_id), args=[*_script_args(run_id), *texts], client=pipe)
+        firsts = pipe.execute(raise_on_error=False)
+        for (run_id, (tenant_id, frames)), first in zip(outbox.runs.items(), firsts, strict=True):
+            texts = bodies[run_id]
+            if isinstance(first, Exception):
+                logger.error("feed: run %s: %d frames not published: %s", run_id, len(texts), first)
+                continue
+            if first == -1:
+                first = self._seed_and_append(client, append, run_id, texts)
+            self._archive.put(
+                ("rows", tenant_id, run_id, first, [f["type"] for f in frames], texts)
+            )
+
+    @staticmethod
+    def _seed_and_append(client: Any, append: Any, run_id: str, texts: list[str]) -> int:
+        """A run's first frames (or the first after its counter expired): start the counter
+        at the highest number PostgreSQL holds, so numbers never repeat."""
+        from apps.live.models import RunFrame
+
+        close_old_connections()
+        highest = RunFrame.unscoped_all_tenants.filter(run_id=run_id).aggregate(m=Max("seq"))["m"]
+        connection.close()  # once per run: not worth holding a connection for
+        client.set(feed.counter_key(run_id), highest or 0, nx=True, ex=feed.COUNTER_TTL_S)
+        return int(append(keys=_keys(run_id), args=[*_script_args(run_id), *texts]))
+
+
+def _keys(run_id: str) -> list[str]:
+    return [feed.counter_key(run_id), feed.stream_key(run_id)]
+
+
+def _script_args(run_id: str) -> list[Any]:
+    return [feed.layer_channel(run_id), feed.STREAM_TTL_S, feed.COUNTER_TTL_S, feed.STREAM_MAX_LEN]
+
+
+class FrameArchive:
+    """Writes published frames to PostgreSQL (RunFrame) in batches, on its own thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+
+    def start(self) -> None:
+        self._queue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="sluice-feed-archive", daemon=True).start()
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        self._queue.put(item)
+
+    def _run(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            until = time.monotonic() + ARCHIVE_EVERY_S
+            rows = sum(len(i[5]) for i in items if i[0] == "rows")
+            while rows < ARCHIVE_BATCH and not any(i[0] == "sync" for i in items):
+                try:
+                    items.append(self._queue.get(timeout=max(until - time.monotonic(), 0)))
+                except queue.Empty:
+                    break
+                if items[-1][0] == "rows":
+                    rows += len(items[-1][5])
+            try:
+                self._write([i for i in items if i[0] == "rows"])
+            except Exception:
+                logger.exception("feed: archiving %d frames failed", rows)
+            if self._queue.empty():
+                connection.close()  # idle: hold no connection (a database may be dropped)
+            for item in items:
+                if item[0] == "sync":
+                    item[1].set()
+
+    def _write(self, batches: list[tuple[Any, ...]]) -> None:
+        from apps.live.models import RunFrame
+
+        if not batches:
+            return
+        close_old_connections()
+        frames = [
+            RunFrame(tenant_id=tenant_id, run_id=run_id, seq=first + i, kind=kind,
+                     body=feed.numbered(first + i, text))
+            for _, tenant_id, run_id, first, kinds, texts in batches
+            for i, (kind, text) in enumerate(zip(kinds, texts, strict=True))
+        ]  # fmt: skip
+        try:
+            RunFrame.unscoped_all_tenants.bulk_create(frames, ignore_conflicts=True)
+        except IntegrityError:
+            # A run deleted while its last frames were in flight: keep the others.
+            from apps.runs.models import Run
+
+            existing = set(
+                Run.unscoped_all_tenants.filter(id__in={f.run_id for f in frames}).values_list(
+                    "id", flat=True
+                )
+            )
+            kept = [f for f in frames if UUID(str(f.run_id)) in existing]
+            RunFrame.unscoped_all_tenants.bulk_create(kept, ignore_conflicts=True)
+
+
+FEED = FeedPublisher()

@@ -1,0 +1,115 @@
+"""The run feed as Server-Sent Events (`GET /api/runs/<id>/events`; README.md), for clients
+and proxies that cannot hold a WebSocket. The same frames, numbered as event ids, so
+`Last-Event-ID` resumes exactly after the last one received.
+
+Each connection reads from storage after its cursor and, when caught up, blocks on the
+run's Redis stream for the next frame. A slow client only slows its own reads (the ASGI
+server waits for the socket before taking the next chunk), so nothing piles up for it.
+"""
+
+import json
+import time
+from collections.abc import AsyncIterator
+from uuid import UUID, uuid4
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.views.decorators.http import require_GET
+
+from apps.live import viewers
+from apps.live.access import FollowedRun, followed_run, follower
+from apps.live.consumers import parse_after
+from apps.live.store import aread_after, await_new
+from apps.runs.models import ACTIVE_RUN_STATUSES
+from apps.tenants.middleware import SESSION_TENANT_KEY
+
+BATCH = 256
+RETRY_MS = 2000
+# After the run's final frame, frames of steps still winding down may follow briefly.
+DRAIN_AFTER_END_S = 1.0
+
+
+def problem(status: int, title: str, detail: str) -> JsonResponse:
+    return JsonResponse(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status=status,
+        content_type="application/problem+json",
+    )
+
+
+def _resolve(request: HttpRequest, run_id: UUID) -> tuple[str, FollowedRun | None]:
+    who = follower(
+        request.headers.get("Authorization"),
+        request.user,
+        request.session.get(SESSION_TENANT_KEY),
+    )
+    if who is None:
+        return "unauthorized", None
+    run = followed_run(who, run_id)
+    return ("ok", run) if run else ("not_found", None)
+
+
+@require_GET
+async def run_events(request: HttpRequest, run_id: UUID) -> HttpResponseBase:
+    raw = request.headers.get("Last-Event-ID") or request.GET.get("after")
+    after = parse_after(raw)
+    if after is None:
+        return problem(400, "Bad cursor", "Last-Event-ID / after must be a non-negative integer")
+    outcome, run = await sync_to_async(_resolve)(request, run_id)
+    if run is None:
+        if outcome == "unauthorized":
+            return problem(401, "Unauthorized", "Sign in, or send a bearer API key (runs:read).")
+        return problem(404, "Not found", "No such run.")
+    if run.status not in ACTIVE_RUN_STATUSES and not await aread_after(run.id, after, 1):
+        # Finished and nothing after the cursor: 204 tells EventSource to stop reconnecting.
+        return HttpResponse(status=204)
+    response = StreamingHttpResponse(_events(run, after), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx and friends: do not hold the stream back
+    return response
+
+
+def sse_event(seq: int, text: str) -> str:
+    kind = json.loads(text).get("type", "message")
+    return f"id: {seq}\nevent: {kind}\ndata: {text}\n\n"
+
+
+def _is_final_run_frame(text: str) -> bool:
+    frame = json.loads(text)
+    return frame.get("type") == "run" and frame.get("status") not in ACTIVE_RUN_STATUSES
+
+
+async def _events(run: FollowedRun, after: int) -> AsyncIterator[str]:
+    connection = f"sse.{uuid4().hex}"
+    watch = run.on_disconnect == "cancel" and run.status in ACTIVE_RUN_STATUSES
+    await viewers.joined(run.id, connection, cancel_on_leave=watch)
+    heartbeat_s = settings.SLUICE_SSE_HEARTBEAT_S
+    cursor, ending_at = after, None
+    last_sent = last_seen = time.monotonic()
+    try:
+        yield f"retry: {RETRY_MS}\n\n"
+        while True:
+            frames = await aread_after(run.id, cursor, BATCH)
+            if frames:
+                yield "".join(sse_event(seq, text) for seq, text in frames)
+                cursor, last_sent = frames[-1][0], time.monotonic()
+                if ending_at is None and any(_is_final_run_frame(t) for _, t in frames):
+                    ending_at = time.monotonic() + DRAIN_AFTER_END_S
+                continue
+            now = time.monotonic()
+            if ending_at is not None and now >= ending_at:
+                return
+            if now - last_seen >= viewers.VIEWER_REFRESH_S:
+                await viewers.still_here(run.id, connection)
+                last_seen = now
+            if now - last_sent >= heartbeat_s:
+                yield ": keep-alive\n\n"
+                last_sent = now
+            wait = min(heartbeat_s, viewers.VIEWER_REFRESH_S)
+            if ending_at is not None:
+                wait = min(wait, ending_at - now)
+            await await_new(run.id, cursor, wait)
+    finally:
+        await viewers.left(run.id, connection)

@@ -1,0 +1,81 @@
+"""Reads a run's feed after a sequence number: the Redis stream first (the recent tail,
+where a follower usually resumes), PostgreSQL for what Redis no longer holds. Returns
+frame JSON texts in seq order, contiguous from `after + 1` as far as they go."""
+
+import logging
+from typing import Any
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+
+from apps.live import feed
+from apps.live.models import RunFrame
+
+logger = logging.getLogger(__name__)
+
+Frames = list[tuple[int, str]]
+
+
+def _from_stream(entries: Any) -> Frames:
+    return [(feed.seq_of(entry_id), fields[b"f"].decode()) for entry_id, fields in entries]
+
+
+def _from_archive(run_id: UUID | str, after: int, limit: int) -> Frames:
+    rows = RunFrame.unscoped_all_tenants.filter(run_id=run_id, seq__gt=after).order_by("seq")
+    return list(rows.values_list("seq", "body")[:limit])
+
+
+def merge(after: int, archived: Frames, recent: Frames) -> Frames:
+    """Contiguous frames from after + 1. A hole that neither store can fill (frames lost
+    with a Redis crash before they were archived) is stepped over, with a warning, rather
+    than stalling every follower at it."""
+    by_seq = dict(archived)
+    by_seq.update(recent)
+    out: Frames = []
+    expected = after + 1
+    for seq in sorted(by_seq):
+        if seq < expected:
+            continue
+        if seq > expected:
+            logger.warning("feed: frames %d..%d are lost; skipping them", expected, seq - 1)
+        out.append((seq, by_seq[seq]))
+        expected = seq + 1
+    return out
+
+
+def _tail_is_enough(after: int, recent: Frames) -> bool:
+    return bool(recent) and recent[0][0] == after + 1
+
+
+def read_after(run_id: UUID | str, after: int, limit: int) -> Frames:
+    entries = feed.feed_redis().xrange(
+        feed.stream_key(run_id), min=f"{after + 1}-0", max="+", count=limit
+    )
+    recent = _from_stream(entries)
+    if _tail_is_enough(after, recent):
+        return recent
+    return merge(after, _from_archive(run_id, after, limit), recent)[:limit]
+
+
+async def aread_after(run_id: UUID | str, after: int, limit: int) -> Frames:
+    entries = await feed.async_feed_redis().xrange(
+        feed.stream_key(run_id), min=f"{after + 1}-0", max="+", count=limit
+    )
+    recent = _from_stream(entries)
+    if _tail_is_enough(after, recent):
+        return recent
+    # Any thread will do; database_sync_to_async closes the connection it used.
+    archived = await database_sync_to_async(_from_archive, thread_sensitive=False)(
+        run_id, after, limit
+    )
+    return merge(after, archived, recent)[:limit]
+
+
+async def await_new(run_id: UUID | str, after: int, timeout_s: float) -> bool:
+    """Blocks until the run's stream has a frame after `after`, or the timeout; True when
+    one arrived. For SSE, whose sends already wait for a slow client: reading again from
+    the store after each wait bounds its memory without a window."""
+    entries = await feed.async_feed_redis().xread(
+        {feed.stream_key(run_id): f"{after}-0"}, count=1, block=max(int(timeout_s * 1000), 1)
+    )
+    return bool(entries)

@@ -1,0 +1,36 @@
+"""API keys presented as `Authorization: Bearer sk_<prefix>_<secret>`: the key's tenant,
+if the key exists, is not revoked, matches, and carries the scope asked for."""
+
+import hmac
+from datetime import timedelta
+
+from django.utils import timezone
+
+from apps.tenants.models import API_KEY_PREFIX_LEN, ApiKey, hash_api_secret
+
+# Scopes a key may carry (the API issue adds more).
+RUNS_READ = "runs:read"
+# last_used_at is a hint for people, not an audit: written at most this often per key.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def key_for_bearer(authorization: str, *, scope: str) -> ApiKey | None:
+    kind, _, secret = authorization.strip().partition(" ")
+    secret = secret.strip()
+    if kind.lower() != "bearer" or not secret.startswith("sk_"):
+        return None
+    prefix = secret[3 : 3 + API_KEY_PREFIX_LEN]
+    # Before any tenant is known: the unscoped manager, by the key's own prefix.
+    key = (
+        ApiKey.unscoped_all_tenants.select_related("tenant")
+        .filter(prefix=prefix, revoked_at__isnull=True)
+        .first()
+    )
+    if key is None or not hmac.compare_digest(key.hashed_secret, hash_api_secret(secret)):
+        return None
+    if scope not in key.scopes:
+        return None
+    now = timezone.now()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        ApiKey.unscoped_all_tenants.filter(pk=key.pk).update(last_used_at=now)
+    return key
