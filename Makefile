@@ -4,16 +4,28 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+# The browser's vendored scripts, copied out of node_modules; neither is committed.
+VENDOR := static/vendor
+VENDOR_STAMP := $(VENDOR)/.stamp
 
 .PHONY: setup run check test bench clean-var
 
-setup: $(STAMP)
+setup: $(STAMP) $(VENDOR_STAMP)
 
 # Reinstall only when a requirements file changed since the last install.
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
+
+# htmx comes from npm, pinned in package-lock.json, and is served from static/ like our own
+# files: no CDN at run time, no bundler. Redone only when the lock file changed; `npm ci`
+# installs exactly what the lock says.
+$(VENDOR_STAMP): package-lock.json
+	npm ci --no-audit --no-fund
+	mkdir -p $(VENDOR)
+	cp node_modules/htmx.org/dist/htmx.min.js $(VENDOR)/htmx.min.js
+	touch $(VENDOR_STAMP)
 
 run: setup
 	$(PY) -m sluice.launcher

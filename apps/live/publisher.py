@@ -34,11 +34,6 @@ ARCHIVE_EVERY_S = 0.25
 ARCHIVE_BATCH = 2000
 
 
-def utf16_len(text: str) -> int:
-    """Offsets count UTF-16 code units: what a browser's string length counts."""
-    return len(text.encode("utf-16-le")) // 2
-
-
 @dataclass
 class _Stream:
     """One step attempt's tokens, owned by the publisher thread."""
@@ -70,7 +65,7 @@ class _Stream:
             "tokens": self.tokens,
             "t": self.first_at,
         }
-        self.offset += utf16_len(text)
+        self.offset += len(text)  # code points, as Python counts them
         self.parts, self.tokens, self.due = [], 0, None
         return body
 

@@ -6,7 +6,8 @@ import logging
 from typing import Any
 from uuid import UUID
 
-from channels.db import database_sync_to_async
+from asgiref.sync import sync_to_async
+from django.db import connection
 
 from apps.live import feed
 from apps.live.models import RunFrame
@@ -23,6 +24,15 @@ def _from_stream(entries: Any) -> Frames:
 def _from_archive(run_id: UUID | str, after: int, limit: int) -> Frames:
     rows = RunFrame.unscoped_all_tenants.filter(run_id=run_id, seq__gt=after).order_by("seq")
     return list(rows.values_list("seq", "body")[:limit])
+
+
+def _from_archive_on_a_thread(run_id: UUID | str, after: int, limit: int) -> Frames:
+    """For the async readers: any executor thread will do, and it keeps no connection
+    open afterwards (seen left open through database_sync_to_async under load)."""
+    try:
+        return _from_archive(run_id, after, limit)
+    finally:
+        connection.close()
 
 
 def merge(after: int, archived: Frames, recent: Frames) -> Frames:
@@ -43,29 +53,32 @@ def merge(after: int, archived: Frames, recent: Frames) -> Frames:
     return out
 
 
-def _tail_is_enough(after: int, recent: Frames) -> bool:
-    return bool(recent) and recent[0][0] == after + 1
+def _tail_is_enough(after: int, oldest: Frames) -> bool:
+    """Redis alone answers when its stream still holds frame after + 1 or an older one."""
+    return bool(oldest) and oldest[0][0] <= after + 1
+
+
+def _tail_reads(pipe: Any, run_id: UUID | str, after: int, limit: int) -> Any:
+    key = feed.stream_key(run_id)
+    pipe.xrange(key, min=f"{after + 1}-0", max="+", count=limit)
+    pipe.xrange(key, min="-", max="+", count=1)
+    return pipe
 
 
 def read_after(run_id: UUID | str, after: int, limit: int) -> Frames:
-    entries = feed.feed_redis().xrange(
-        feed.stream_key(run_id), min=f"{after + 1}-0", max="+", count=limit
-    )
-    recent = _from_stream(entries)
-    if _tail_is_enough(after, recent):
+    pipe = _tail_reads(feed.feed_redis().pipeline(transaction=False), run_id, after, limit)
+    recent, oldest = (_from_stream(entries) for entries in pipe.execute())
+    if _tail_is_enough(after, oldest):
         return recent
     return merge(after, _from_archive(run_id, after, limit), recent)[:limit]
 
 
 async def aread_after(run_id: UUID | str, after: int, limit: int) -> Frames:
-    entries = await feed.async_feed_redis().xrange(
-        feed.stream_key(run_id), min=f"{after + 1}-0", max="+", count=limit
-    )
-    recent = _from_stream(entries)
-    if _tail_is_enough(after, recent):
+    pipe = _tail_reads(feed.async_feed_redis().pipeline(transaction=False), run_id, after, limit)
+    recent, oldest = (_from_stream(entries) for entries in await pipe.execute())
+    if _tail_is_enough(after, oldest):
         return recent
-    # Any thread will do; database_sync_to_async closes the connection it used.
-    archived = await database_sync_to_async(_from_archive, thread_sensitive=False)(
+    archived = await sync_to_async(_from_archive_on_a_thread, thread_sensitive=False)(
         run_id, after, limit
     )
     return merge(after, archived, recent)[:limit]

@@ -1,5 +1,5 @@
-"""Real Celery worker and beat processes for integration tests, pointed at the test
-database. No eager mode: messages go through Redis to separate processes."""
+"""Real Celery worker and beat processes, and the ASGI server, for integration tests, pointed
+at the test database. No eager mode: messages go through Redis to separate processes."""
 
 import os
 import signal
@@ -9,15 +9,16 @@ from pathlib import Path
 
 from django.db import connection
 
-from sluice import processes
+from sluice import embedded, processes
 from sluice.embedded_paths import BASE_DIR, embedded_database_url
 from tests.harness.plugin import SERVICES_DIR, pg_data_dir
+from tests.harness.web import wait_until_serving
 
 LOG_DIR = BASE_DIR / "var" / "test-logs" / f"session-{os.getpid()}"
 
 
 class Platform:
-    """Starts workers and beat on demand; stops every one of them at teardown."""
+    """Starts workers, beat and the web server on demand; stops every one of them at teardown."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -25,6 +26,9 @@ class Platform:
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {**os.environ, **overrides}
+        # The browser tests allow this in their own process (Playwright's sync API keeps an
+        # event loop running); the server and workers must keep Django's check.
+        env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
         # pytest-django has switched this process to the test database; so must the workers.
         env["DATABASE_URL"] = embedded_database_url(pg_data_dir(), connection.settings_dict["NAME"])
         return env
@@ -54,6 +58,18 @@ class Platform:
         )
         self.procs.append(proc)
         return proc
+
+    def start_web(self, *, env: dict[str, str] | None = None) -> str:
+        """The ASGI server `make run` runs, on a free port; its base URL once it answers."""
+        port = embedded.free_port()
+        log_path = self.log_path("web")
+        proc = processes.spawn(
+            processes.asgi_argv(port), env=self.env(**(env or {})), log_path=log_path
+        )
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(f"{url}/accounts/login/", proc, log_path)
+        return url
 
     def _wait_ready(self, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -8,6 +8,8 @@ from uuid import UUID
 
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.test import Client
 
 from apps.live import feed
 from apps.live.publisher import FEED
@@ -31,15 +33,26 @@ ONE_STEP: dict[str, Any] = {
 }
 
 
-def queued_run(world: World, spec: dict[str, Any] | None = None, slug: str = "g") -> Run:
+def queued_run(
+    world: World, spec: dict[str, Any] | None = None, slug: str = "g", payload: Any = None
+) -> Run:
     graph = world.graph(slug, spec or ONE_STEP)
     with tenant_context(world.acme):
-        return start_run(version=graph.versions.get(), payload={"x": 1}, actor=world.owner)
+        version = graph.versions.get()
+        return start_run(version=version, payload=payload or {"x": 1}, actor=world.owner)
 
 
 def bearer(tenant: Tenant, scopes: tuple[str, ...] = (RUNS_READ,)) -> str:
     _, secret = create_api_key(tenant=tenant, name="feed", scopes=list(scopes), actor="test")
     return f"Bearer {secret}"
+
+
+def session_cookie(user: AbstractBaseUser) -> str:
+    """A signed-in browser's session cookie (World's passwords are "pw-<name>")."""
+    browser = Client()
+    name = user.get_username()
+    assert browser.login(username=name, password=f"pw-{name}")
+    return f"sessionid={browser.cookies['sessionid'].value}"
 
 
 def publish_tokens(run: Run, texts: list[str], *, step: str = "s1", attempt: int = 1) -> None:

@@ -20,6 +20,7 @@ from tests.live.feedkit import (
     publish_tokens,
     queued_run,
     seqs,
+    session_cookie,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -171,16 +172,10 @@ def test_other_tenants_and_strangers_cannot_follow_a_run(world: World) -> None:
 
 
 def test_a_signed_in_member_follows_with_the_session_from_our_own_origin(world: World) -> None:
-    from django.test import Client
-
     run = queued_run(world)
     publish_tokens(run, WORDS[:3])
-    browser = Client()
-    browser.force_login(world.viewer)
-    cookie = f"sessionid={browser.cookies['sessionid'].value}".encode()
-    outsider = Client()
-    outsider.force_login(world.outsider)
-    outsider_cookie = f"sessionid={outsider.cookies['sessionid'].value}".encode()
+    cookie = session_cookie(world.viewer).encode()
+    outsider_cookie = session_cookie(world.outsider).encode()
 
     async def scenario() -> None:
         member = Follower(run.id, headers=[(b"cookie", cookie), (b"origin", b"http://127.0.0.1")])
