@@ -65,14 +65,6 @@ def _tail_reads(pipe: Any, run_id: UUID | str, after: int, limit: int) -> Any:
     return pipe
 
 
-def read_after(run_id: UUID | str, after: int, limit: int) -> Frames:
-    pipe = _tail_reads(feed.feed_redis().pipeline(transaction=False), run_id, after, limit)
-    recent, oldest = (_from_stream(entries) for entries in pipe.execute())
-    if _tail_is_enough(after, oldest):
-        return recent
-    return merge(after, _from_archive(run_id, after, limit), recent)[:limit]
-
-
 async def aread_after(run_id: UUID | str, after: int, limit: int) -> Frames:
     pipe = _tail_reads(feed.async_feed_redis().pipeline(transaction=False), run_id, after, limit)
     recent, oldest = (_from_stream(entries) for entries in await pipe.execute())
