@@ -12,10 +12,12 @@ beyond one batch, and every frame reaches the client exactly once, in order.
 import asyncio
 import json
 import logging
+import random
 from typing import Any
 from urllib.parse import parse_qs
 from uuid import UUID
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -53,6 +55,16 @@ def _resolve(scope: dict[str, Any], run_id: UUID) -> tuple[str, FollowedRun | No
 class RunFeedConsumer(AsyncWebsocketConsumer):
     run: FollowedRun | None = None
     keepalive: asyncio.Task[None] | None = None
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' dispatch first closes stale database connections through the one
+        shared sync thread, for every message: at hundreds of streams that hop was the
+        web process's largest cost (bench stream). This consumer touches the database only
+        through database_sync_to_async, which closes its connections itself."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self) -> None:
         await self.accept()
@@ -149,9 +161,11 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
 
     async def _still_here(self) -> None:
         assert self.run is not None
+        # Spread over the interval: pages opened together must not all refresh together.
+        await asyncio.sleep(random.uniform(0, viewers.VIEWER_REFRESH_S))
         while True:
-            await asyncio.sleep(viewers.VIEWER_REFRESH_S)
             try:
                 await viewers.still_here(self.run.id, self.channel_name)
             except Exception:
                 logger.exception("live: could not refresh viewer of run %s", self.run.id)
+            await asyncio.sleep(viewers.VIEWER_REFRESH_S)

@@ -25,6 +25,8 @@ STREAM_MAX_LEN = 20_000
 # Channels' pub/sub layer names a group's Redis channel "<prefix>__group__<group>" with
 # prefix "asgi"; tests/live/test_feed.py proves a consumer receives what we publish there.
 LAYER_PREFIX = "asgi"
+# Redis connections per web process for feed reads and viewer bookkeeping.
+ASYNC_POOL_SIZE = 400
 
 
 def group_name(run_id: object) -> str:
@@ -100,6 +102,11 @@ def async_feed_redis() -> Any:
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        client = aioredis.Redis.from_url(feed_redis_url(), socket_connect_timeout=5)
+        # A blocking pool: at its limit a caller waits for a connection instead of failing
+        # (SSE followers hold one for each blocking read).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            feed_redis_url(), max_connections=ASYNC_POOL_SIZE, timeout=10, socket_connect_timeout=5
+        )
+        client = aioredis.Redis(connection_pool=pool)
         _async_clients[loop] = client
     return client

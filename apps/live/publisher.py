@@ -90,6 +90,7 @@ class _Outbox:
 
     def __init__(self) -> None:
         self.runs: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+        self.new_runs: list[str] = []
 
     def add(self, tenant_id: int, run_id: str, body: dict[str, Any]) -> None:
         self.runs.setdefault(run_id, (tenant_id, []))[1].append(body)
@@ -116,6 +117,10 @@ class FeedPublisher:
     def frame(self, tenant_id: int, run_id: UUID | str, body: dict[str, Any]) -> None:
         """A step or run frame: `body` has `type` and its fields; `at` and `seq` are added."""
         self.put(("frame", tenant_id, str(run_id), body))
+
+    def run_started(self, run_id: UUID | str) -> None:
+        """Starts a new run's counter at 0, so its first frame needs no seeding query."""
+        self.put(("start", str(run_id)))
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Waits until everything put so far is published and archived (tests, shutdown)."""
@@ -184,7 +189,9 @@ class FeedPublisher:
         frame_s: float,
     ) -> None:
         kind, now = item[0], time.monotonic()
-        if kind == "open":
+        if kind == "start":
+            outbox.new_runs.append(item[1])
+        elif kind == "open":
             streams[item[1]] = item[2]
         elif kind == "tokens":
             state = streams.get(item[1])
@@ -216,9 +223,14 @@ class FeedPublisher:
         state.last_sent = now
 
     def _publish(self, outbox: _Outbox) -> None:
+        client = feed.feed_redis()
+        if outbox.new_runs:
+            pipe = client.pipeline(transaction=False)
+            for run_id in outbox.new_runs:
+                pipe.set(feed.counter_key(run_id), 0, nx=True, ex=feed.COUNTER_TTL_S)
+            pipe.execute()
         if not outbox.runs:
             return
-        client = feed.feed_redis()
         append = client.register_script(feed.APPEND_SCRIPT)
         bodies = {
             run_id: [json.dumps(body, separators=(",", ":")) for body in frames]
@@ -278,13 +290,16 @@ class FrameArchive:
             items = [self._queue.get()]
             until = time.monotonic() + ARCHIVE_EVERY_S
             rows = sum(len(i[5]) for i in items if i[0] == "rows")
-            while rows < ARCHIVE_BATCH and not any(i[0] == "sync" for i in items):
+            synced = items[0][0] == "sync"
+            while rows < ARCHIVE_BATCH and not synced:
                 try:
-                    items.append(self._queue.get(timeout=max(until - time.monotonic(), 0)))
+                    item = self._queue.get(timeout=max(until - time.monotonic(), 0))
                 except queue.Empty:
                     break
-                if items[-1][0] == "rows":
-                    rows += len(items[-1][5])
+                items.append(item)
+                if item[0] == "rows":
+                    rows += len(item[5])
+                synced = item[0] == "sync"
             try:
                 self._write([i for i in items if i[0] == "rows"])
             except Exception:

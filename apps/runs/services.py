@@ -14,6 +14,7 @@ from django.utils import timezone
 from apps.audit.services import Actor, actor_label, record
 from apps.graphs.models import GraphVersion
 from apps.graphs.validation import source_node
+from apps.live.publisher import FEED
 from apps.runs.dispatch import StepMessage, send_on_commit
 from apps.runs.models import (
     ACTIVE_RUN_STATUSES,
@@ -86,6 +87,7 @@ def start_run(
             after={"graph": version.graph.slug, "version": version.number, "kind": kind.value},
         )
         send_on_commit([StepMessage(run.tenant_id, step.id, step.queue)])
+        transaction.on_commit(lambda: FEED.run_started(run.id))  # its live feed, numbered from 1
     return run
 
 
