@@ -53,20 +53,26 @@ def rendered_prompt(payload: dict[str, Any]) -> str:
     return render(PROMPT, template_variables(payload))
 
 
-def full_length_inputs(count: int, max_tokens: int, tag: str) -> list[dict[str, Any]]:
-    """Run inputs whose simulated answer is exactly `max_tokens` long. A cheap hash test
-    proposes candidates; the engine's own `tokens_for` decides."""
+def full_length_answer(prompt: str, max_tokens: int) -> list[str] | None:
+    """The simulated engine's answer to `prompt` when it is exactly `max_tokens` long, else
+    None. A cheap hash test (the engine spends between half and all of the budget, by the
+    same hash) rules most prompts out; the engine's own `tokens_for` decides."""
     from workers.inference.simulated import tokens_for
 
     half = max(1, max_tokens // 2)
+    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
+    if half + seed % (max_tokens - half + 1) != max_tokens:
+        return None
+    words = tokens_for(prompt, max_tokens)
+    return words if len(words) == max_tokens else None
+
+
+def full_length_inputs(count: int, max_tokens: int, tag: str) -> list[dict[str, Any]]:
+    """Run inputs whose simulated answer is exactly `max_tokens` long."""
     found: list[dict[str, Any]] = []
     for n in range(count * 2000):
         payload = {"q": f"{tag}-{n}"}
-        prompt = rendered_prompt(payload)
-        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
-        if half + seed % (max_tokens - half + 1) != max_tokens:
-            continue
-        if len(tokens_for(prompt, max_tokens)) == max_tokens:
+        if full_length_answer(rendered_prompt(payload), max_tokens) is not None:
             found.append(payload)
             if len(found) == count:
                 return found

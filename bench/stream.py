@@ -19,8 +19,8 @@ WebSocket server (bench/stream_floor.py) that forwards each message to its run's
 The same client code measures both sides.
 
 Each phase: fresh runs, C clients connect and get their hello; each run gets its step's
-`running` frame (for ours: the run's first frame, so its counter is seeded from
-PostgreSQL here, before any token), then every run generates N = R x D tokens at once on
+`running` frame (for ours the run's first frame; its counter was started when the run
+was), then every run generates N = R x D tokens at once on
 one engine (TTFT 100 ms), then the step's `done` frame. Latency is per tokens frame: the
 client's `time.time()` on receipt minus the frame's `t`, the engine's emit time of its
 oldest token. After the engine's last token clients wait for what is still on its way

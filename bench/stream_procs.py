@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,18 +20,12 @@ def start_asgi(root: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = embedded.free_port()
     log = root / "asgi.log"
     proc = processes.spawn(processes.asgi_argv(port), env=dict(os.environ), log_path=log)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/accounts/login/", timeout=5)
-            return proc, port
-        except urllib.error.HTTPError:
-            return proc, port  # it answers
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                processes.stop_all([proc])
-                raise RuntimeError(f"the ASGI server did not start; see {log}") from None
-            time.sleep(0.2)
+    try:
+        processes.wait_until_serving(f"http://127.0.0.1:{port}/accounts/login/", proc, log)
+    except RuntimeError:
+        processes.stop_all([proc])
+        raise
+    return proc, port
 
 
 def start_floor(root: Path) -> tuple[subprocess.Popen[bytes], int]:

@@ -16,7 +16,6 @@ no script, no Redis stream, no archive.
 """
 
 import asyncio
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import redis
 
 from apps.live import feed
 from apps.live.publisher import FeedPublisher
+from bench.inference_kit import full_length_answer
 from bench.stream_floor import channel
 
 NODE = "gen"  # the llm.generate node of inference_kit.llm_spec
@@ -43,20 +43,12 @@ class Job:
 
 
 def full_length_prompts(count: int, tokens: int, tag: str) -> list[tuple[str, str]]:
-    """Prompts whose simulated answer is exactly `tokens` long, with that answer. A cheap
-    hash test proposes candidates (the engine's answers spend between half and all of the
-    budget, by the same hash); the engine's own `tokens_for` decides."""
-    from workers.inference.simulated import tokens_for
-
-    half = max(1, tokens // 2)
+    """Prompts whose simulated answer is exactly `tokens` long, with that answer."""
     found: list[tuple[str, str]] = []
     for n in range(count * 4 * (tokens + 1)):
         prompt = f"Tell {tag}-{n}"
-        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
-        if half + seed % (tokens - half + 1) != tokens:
-            continue
-        words = tokens_for(prompt, tokens)
-        if len(words) == tokens:
+        words = full_length_answer(prompt, tokens)
+        if words is not None:
             found.append((prompt, "".join(words)))
             if len(found) == count:
                 return found

@@ -12,8 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -181,26 +179,13 @@ def _wait_until_serving(launch: _Launch, url: str) -> None:
     while time.monotonic() < deadline:
         _StopSignal.check()
         _raise_if_any_exited(launch)
-        status = _http_status(url)
+        status = processes.http_status(url)
         if status is not None:
             if status >= 500:
                 _say(f"Warning: {url} answers {status}; see {launch.var_dir / 'log' / 'web.log'}")
             return
         time.sleep(POLL_S)
     raise LaunchError(f"{url} did not answer within {HTTP_WAIT_S:.0f} s; see the logs above")
-
-
-def _http_status(url: str) -> int | None:
-    """The HTTP status url answers with, or None if nothing answers yet."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            status: int = response.status
-            return status
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
 
 
 def _supervise(launch: _Launch) -> None:

@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO
@@ -179,3 +181,34 @@ def _read_stat(pid: int) -> tuple[str, int, int] | None:
     # The command name in parentheses may itself contain spaces and parentheses.
     fields = raw[raw.rindex(")") + 2 :].split()
     return fields[0], int(fields[1]), int(fields[2])
+
+
+def http_status(url: str) -> int | None:
+    """The HTTP status url answers with, or None if nothing answers yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def wait_until_serving(
+    url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0
+) -> None:
+    """Returns once url answers 200; raises if the server exits or stays silent or broken.
+    For the test harness and benchmarks (the launcher has its own loop, which also watches
+    its other children and Ctrl-C)."""
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"web server exited with {proc.returncode}; see {log_path}")
+        status = http_status(url)
+        if status == 200:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} answered {status} after {timeout}s, not 200; see {log_path}")

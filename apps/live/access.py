@@ -48,6 +48,24 @@ def followed_run(who: Follower, run_id: UUID) -> FollowedRun | None:
     return FollowedRun(*row) if row else None
 
 
+def run_for(
+    authorization: str | None, user: Any, session_tenant: object, run_id: UUID
+) -> tuple[str, FollowedRun | None]:
+    """("ok", run), or ("unauthorized" | "not_found", None): one answer for both transports."""
+    who = follower(authorization, user, session_tenant)
+    if who is None:
+        return "unauthorized", None
+    run = followed_run(who, run_id)
+    return ("ok", run) if run else ("not_found", None)
+
+
+def parse_after(raw: str | None) -> int | None:
+    """A cursor from the client: a non-negative integer, absent meaning 0; None if bad."""
+    if raw is None or raw == "":
+        return 0
+    return int(raw) if raw.isdigit() else None
+
+
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     """An ASGI scope's header, decoded; None when absent."""
     for key, value in headers:

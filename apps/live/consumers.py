@@ -23,7 +23,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from apps.live import viewers
-from apps.live.access import FollowedRun, followed_run, follower, header
+from apps.live.access import FollowedRun, header, parse_after, run_for
 from apps.live.feed import group_name
 from apps.live.store import Frames, aread_after
 from apps.runs.models import ACTIVE_RUN_STATUSES
@@ -34,22 +34,11 @@ logger = logging.getLogger(__name__)
 CATCH_UP_BATCH = 256
 
 
-def parse_after(raw: str | None) -> int | None:
-    """A cursor from the client: a non-negative integer, absent meaning 0."""
-    if raw is None or raw == "":
-        return 0
-    return int(raw) if raw.isdigit() else None
-
-
 def _resolve(scope: dict[str, Any], run_id: UUID) -> tuple[str, FollowedRun | None]:
-    authorization = header(scope.get("headers", []), b"authorization")
     session = scope.get("session")
     session_tenant = session.get(SESSION_TENANT_KEY) if session is not None else None
-    who = follower(authorization, scope.get("user"), session_tenant)
-    if who is None:
-        return "unauthorized", None
-    run = followed_run(who, run_id)
-    return ("ok", run) if run else ("not_found", None)
+    authorization = header(scope.get("headers", []), b"authorization")
+    return run_for(authorization, scope.get("user"), session_tenant, run_id)
 
 
 class RunFeedConsumer(AsyncWebsocketConsumer):

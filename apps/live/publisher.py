@@ -102,6 +102,7 @@ class FeedPublisher:
         self._pid: int | None = None
         self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._archive = FrameArchive()
+        self._append: Any = None  # the script, registered once per process
 
     # -- called from any thread -------------------------------------------------------
 
@@ -224,6 +225,9 @@ class FeedPublisher:
 
     def _publish(self, outbox: _Outbox) -> None:
         client = feed.feed_redis()
+        if self._append is None:
+            self._append = client.register_script(feed.APPEND_SCRIPT)
+        append = self._append
         if outbox.new_runs:
             pipe = client.pipeline(transaction=False)
             for run_id in outbox.new_runs:
@@ -231,7 +235,6 @@ class FeedPublisher:
             pipe.execute()
         if not outbox.runs:
             return
-        append = client.register_script(feed.APPEND_SCRIPT)
         bodies = {
             run_id: [json.dumps(body, separators=(",", ":")) for body in frames]
             for run_id, (_, frames) in outbox.runs.items()

@@ -19,8 +19,7 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
 from apps.live import viewers
-from apps.live.access import FollowedRun, followed_run, follower
-from apps.live.consumers import parse_after
+from apps.live.access import FollowedRun, parse_after, run_for
 from apps.live.store import aread_after, await_new
 from apps.runs.models import ACTIVE_RUN_STATUSES
 from apps.tenants.middleware import SESSION_TENANT_KEY
@@ -40,15 +39,8 @@ def problem(status: int, title: str, detail: str) -> JsonResponse:
 
 
 def _resolve(request: HttpRequest, run_id: UUID) -> tuple[str, FollowedRun | None]:
-    who = follower(
-        request.headers.get("Authorization"),
-        request.user,
-        request.session.get(SESSION_TENANT_KEY),
-    )
-    if who is None:
-        return "unauthorized", None
-    run = followed_run(who, run_id)
-    return ("ok", run) if run else ("not_found", None)
+    session_tenant = request.session.get(SESSION_TENANT_KEY)
+    return run_for(request.headers.get("Authorization"), request.user, session_tenant, run_id)
 
 
 @require_GET

@@ -12,7 +12,6 @@ from django.db import connection
 from sluice import embedded, processes
 from sluice.embedded_paths import BASE_DIR, embedded_database_url
 from tests.harness.plugin import SERVICES_DIR, pg_data_dir
-from tests.harness.web import wait_until_serving
 
 LOG_DIR = BASE_DIR / "var" / "test-logs" / f"session-{os.getpid()}"
 
@@ -68,7 +67,7 @@ class Platform:
         )
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
-        wait_until_serving(f"{url}/accounts/login/", proc, log_path)
+        processes.wait_until_serving(f"{url}/accounts/login/", proc, log_path)
         return url
 
     def _wait_ready(self, name: str, timeout: float = 60) -> None:
