@@ -56,6 +56,9 @@ INSTALLED_APPS = [
     "apps.graphs",
     "apps.runs",
     "apps.live",
+    "apps.secrets",
+    "apps.usage",
+    "apps.editor",
 ]
 
 MIDDLEWARE = [
@@ -165,6 +168,15 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
+# Invitation links and other mail go to the web process's stdout unless a real backend is
+# configured (SLUICE_EMAIL_BACKEND, e.g. django.core.mail.backends.smtp.EmailBackend).
+EMAIL_BACKEND = env_str("SLUICE_EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL = env_str("SLUICE_FROM_EMAIL", "sluice@localhost")
+
+# Key for tenant secrets (apps/secrets), a Fernet key (urlsafe base64 of 32 bytes). Empty:
+# derived from SECRET_KEY, so secrets stay readable as long as SECRET_KEY does.
+SLUICE_SECRETS_KEY = env_str("SLUICE_SECRETS_KEY", "")
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "graphs:list"
 LOGOUT_REDIRECT_URL = "login"

@@ -9,6 +9,10 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("runs/", include("apps.runs.urls")),
+    path("tenant/secrets/", include("apps.secrets.urls")),
+    path("usage/", include("apps.usage.urls")),
+    path("", include("apps.tenants.urls")),
+    path("", include("apps.editor.urls")),
     path("api/runs/<uuid:run_id>/events", run_events, name="run-events"),
     path("", include("apps.graphs.urls")),
 ]
