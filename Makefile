@@ -18,13 +18,15 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-# htmx comes from npm, pinned in package-lock.json, and is served from static/ like our own
-# files: no CDN at run time, no bundler. Redone only when the lock file changed; `npm ci`
+# htmx and the graph editor's diagram library (AntV X6) come from npm, pinned in
+# package-lock.json, and are served from static/ like our own files: no CDN at run time, no
+# bundler (both ship a browser build). Redone only when the lock file changed; `npm ci`
 # installs exactly what the lock says.
 $(VENDOR_STAMP): package-lock.json
 	npm ci --no-audit --no-fund
 	mkdir -p $(VENDOR)
 	cp node_modules/htmx.org/dist/htmx.min.js $(VENDOR)/htmx.min.js
+	cp node_modules/@antv/x6/dist/x6.min.js $(VENDOR)/x6.min.js
 	touch $(VENDOR_STAMP)
 
 run: setup

@@ -1,0 +1,152 @@
+"""A node's config form: its fields from the operator's schema, and a submitted form turned
+into the node's new JSON with errors on the fields they concern.
+
+The canvas holds the unsaved graph, so each request carries the node and the whole spec as
+the browser has them; the server keeps nothing between requests. A node is checked inside
+that spec with the same validator that guards saving, and only the errors about this node's
+id, label and config are shown on the form (an unconnected node is not the form's problem;
+Validate and Save report it on the canvas)."""
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.http import QueryDict
+
+from apps.editor.schema_forms import ChoicesFor, SchemaField, fields_for, parse_fields
+from apps.graphs.validation import NODE_ID_PATTERN, NODE_ID_RULE, SpecError, validate_spec
+from workers.operators import REGISTRY
+
+JSON = dict[str, Any]
+CONFIG_PREFIX = "cfg."
+LABEL_MAX = 100
+
+
+class BadRequest(ValueError):
+    """The browser sent something no form of ours produces."""
+
+
+@dataclass
+class NodeForm:
+    node_id: str
+    type: str
+    description: str
+    label: str
+    fields: list[SchemaField]
+    id_error: str = ""
+    label_error: str = ""
+    other_errors: list[str] = field(default_factory=list)
+
+    @property
+    def has_errors(self) -> bool:
+        return bool(
+            self.id_error
+            or self.label_error
+            or self.other_errors
+            or any(f.error for f in self.fields)
+        )
+
+
+def load_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise BadRequest(f"{what} is not valid JSON") from exc
+
+
+def node_and_spec(data: QueryDict) -> tuple[JSON, JSON]:
+    node, spec = load_json(data.get("node", ""), "node"), load_json(data.get("spec", ""), "spec")
+    if not isinstance(node, dict) or not isinstance(node.get("type"), str):
+        raise BadRequest("node must be an object with a type")
+    if node["type"] not in REGISTRY:
+        raise BadRequest(f"unknown operator type {node['type']!r}")
+    if not isinstance(spec, dict) or not isinstance(spec.get("nodes"), list):
+        raise BadRequest("spec must be an object with a list of nodes")
+    return node, spec
+
+
+def form_for(node: JSON, choices_for: ChoicesFor) -> NodeForm:
+    operator = REGISTRY[node["type"]]
+    config = node.get("config") if isinstance(node.get("config"), dict) else {}
+    return NodeForm(
+        node_id=str(node.get("id", "")),
+        type=operator.type_name,
+        description=operator.description,
+        label=str(node.get("label", "")),
+        fields=fields_for(operator.config_schema, config or {}, choices_for),
+    )
+
+
+def apply(
+    node: JSON, spec: JSON, data: QueryDict, choices_for: ChoicesFor
+) -> tuple[JSON, NodeForm]:
+    """The node as the form describes it, and the form re-rendered with any errors."""
+    operator = REGISTRY[node["type"]]
+    config, config_errors = parse_fields(operator.config_schema, data, CONFIG_PREFIX)
+    new_id = data.get("node_id", "").strip()
+    label = data.get("label", "").strip()
+    updated = {key: value for key, value in node.items() if key not in ("config", "label")}
+    updated["id"] = new_id
+    if config:
+        updated["config"] = config
+    if label:
+        updated["label"] = label
+    form = form_for(updated, choices_for)
+    # Show what was typed, not what parsed: a half-typed number must stay on screen.
+    for schema_field in form.fields:
+        schema_field.value = data.get(CONFIG_PREFIX + schema_field.name, "")
+        schema_field.error = config_errors.get(schema_field.name, "")
+    form.id_error = _id_error(new_id, str(node.get("id", "")), spec)
+    form.label_error = f"At most {LABEL_MAX} characters." if len(label) > LABEL_MAX else ""
+    if not config_errors and not form.id_error:
+        _attach_spec_errors(form, _errors_about(updated, node, spec))
+    return updated, form
+
+
+def _id_error(new_id: str, old_id: str, spec: JSON) -> str:
+    if not new_id:
+        return "Every node needs an id."
+    if not re.match(NODE_ID_PATTERN, new_id):
+        return "The id " + NODE_ID_RULE + "."
+    others = {n.get("id") for n in spec["nodes"] if isinstance(n, dict)} - {old_id}
+    if new_id in others:
+        return f"Another node is already called {new_id!r}."
+    return ""
+
+
+def _errors_about(updated: JSON, original: JSON, spec: JSON) -> list[SpecError]:
+    """The validator's errors about this node, checked inside the rest of the graph."""
+    old_id = original.get("id")
+    nodes = [updated if n.get("id") == old_id else n for n in spec["nodes"] if isinstance(n, dict)]
+    edges = [_renamed(e, old_id, updated["id"]) for e in spec.get("edges", [])]
+    where = f"node '{updated['id']}'"
+    return [
+        error
+        for error in validate_spec({**spec, "nodes": nodes, "edges": edges})
+        if error.where == where and (error.field.startswith("config") or error.field in _NODE_KEYS)
+    ]
+
+
+# Node-level fields an operator's own check may name (llm.generate: resources.queue).
+_NODE_KEYS = {"id", "label", "type", "resources.queue"}
+
+
+def _renamed(edge: Any, old: Any, new: str) -> Any:
+    if not isinstance(edge, list):
+        return edge
+    return [new if i < 2 and end == old else end for i, end in enumerate(edge)]
+
+
+def _attach_spec_errors(form: NodeForm, errors: list[SpecError]) -> None:
+    by_name = {f.name: f for f in form.fields}
+    for error in errors:
+        name = error.field.removeprefix("config").lstrip(".").split(".", 1)[0].split("[", 1)[0]
+        target = by_name.get(name) if error.field.startswith("config") else None
+        message = error.message[:1].upper() + error.message[1:]
+        if target is not None and not target.error:
+            target.error = message
+        elif error.field == "id":
+            form.id_error = form.id_error or message
+        else:
+            form.other_errors.append(f"{error.field}: {message}" if error.field else message)
