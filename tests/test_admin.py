@@ -12,7 +12,7 @@ from tests.conftest import World
 
 pytestmark = pytest.mark.django_db
 
-OUR_APPS = ["tenants", "audit", "graphs", "runs"]
+OUR_APPS = ["tenants", "audit", "graphs", "runs", "live"]
 
 
 def test_every_model_is_registered() -> None:
