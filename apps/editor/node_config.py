@@ -118,7 +118,8 @@ def _id_error(new_id: str, old_id: str, spec: JSON) -> str:
 def _errors_about(updated: JSON, original: JSON, spec: JSON) -> list[SpecError]:
     """The validator's errors about this node, checked inside the rest of the graph."""
     old_id = original.get("id")
-    nodes = [updated if n.get("id") == old_id else n for n in spec["nodes"] if isinstance(n, dict)]
+    others = [n for n in spec["nodes"] if isinstance(n, dict) and n.get("id") != old_id]
+    nodes = [*others, updated]
     edges = [_renamed(e, old_id, updated["id"]) for e in spec.get("edges", [])]
     where = f"node '{updated['id']}'"
     return [
