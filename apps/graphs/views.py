@@ -83,7 +83,8 @@ def graph_list(request: HttpRequest) -> HttpResponse:
         .order_by("name", "pk")
     )
     page = Paginator(graphs, GRAPHS_PER_PAGE).get_page(request.GET.get("page"))
-    return render(request, "graphs/list.html", {"page": page})
+    can_edit = membership_of(request).allows(Role.EDITOR)
+    return render(request, "graphs/list.html", {"page": page, "can_edit": can_edit})
 
 
 @require_GET

@@ -120,7 +120,8 @@
       width: NODE_W,
       height: NODE_H,
       attrs: {
-        body: { fill: "#fff", stroke: "#9aa7b6", strokeWidth: 1.5, rx: 6, ry: 6 },
+        // data-node-id: the spec id, for tests and for finding a node in the DOM.
+        body: { fill: "#fff", stroke: "#9aa7b6", strokeWidth: 1.5, rx: 6, ry: 6, "data-node-id": node.id },
         label: { text: labelText(node), fontSize: 12, fill: "#1f2328" },
       },
       ports: { groups: PORT_GROUPS, items: portItems(node, outputs || operatorOf(node.type).outputs) },
@@ -367,6 +368,7 @@
     graph.startBatch("configure");
     cell.setData({ node: detail.node }, { overwrite: true });
     cell.attr("label/text", labelText(detail.node));
+    cell.attr("body/data-node-id", detail.node.id);
     setOutputs(cell, detail.outputs);
     graph.stopBatch("configure");
     if (view) view.container.classList.remove("has-error");
