@@ -1,4 +1,6 @@
-from django.urls import URLPattern
+from django.urls import path
+
+from apps.usage import views
 
 app_name = "usage"
-urlpatterns: list[URLPattern] = []
+urlpatterns = [path("", views.overview, name="overview")]

@@ -3,12 +3,17 @@ payload) and `sink.webhook` (delivers the payload). Both go through the effect l
 call completes at most once per input however often the step is attempted, and carry the
 ledger key as Idempotency-Key so the receiver can drop a repeat of a call whose outcome we
 never learnt. Both refuse private, loopback and link-local addresses unless the tenant's
-allowlist names the host (workers/outbound.py)."""
+allowlist names the host (workers/outbound.py).
+
+With `auth_secret` they send `Authorization: Bearer <value>` from the tenant's secret of that
+name, read at call time (so a rotation applies from the next call). The value is removed from
+everything the step keeps: errors, the effect's error and result, the step's output."""
 
 from typing import Any
 
 from django.conf import settings
 
+from apps.secrets.names import NAME_SCHEMA
 from workers.operators.base import (
     JSON,
     InputEvent,
@@ -34,6 +39,11 @@ class HttpRetryable(Exception):
 
 URL_SCHEMA: JSON = {"type": "string", "minLength": 1, "maxLength": 2000}
 TIMEOUT_SCHEMA: JSON = {"type": "number", "exclusiveMinimum": 0, "maximum": 60}
+AUTH_SECRET_SCHEMA: JSON = {
+    **NAME_SCHEMA,
+    "description": "Name of a tenant secret sent as `Authorization: Bearer <value>`.",
+}
+REDACTED = "***"
 
 
 class HttpOperator(Operator):
@@ -62,21 +72,69 @@ class HttpOperator(Operator):
             float(ctx.config.get("timeout_s", DEFAULT_TIMEOUT_S)),
             settings.SLUICE_HTTP_MAX_TIMEOUT_S,
         )
+        # Also before the ledger: a missing secret is fixed on the Secrets page, not retried.
+        secret = _auth_secret(ctx.config.get("auth_secret"))
         ctx.heartbeat()
 
         def send(idempotency_key: str) -> JSON:
-            response = request_json(
-                target,
-                method=method,
-                body=body,
-                headers={"Idempotency-Key": idempotency_key},
-                timeout_s=timeout,
-            )
-            return {"status": response.status, "body": _checked_body(response)}
+            headers = {"Idempotency-Key": idempotency_key}
+            if secret:
+                headers["Authorization"] = f"Bearer {secret}"
+            try:
+                response = request_json(
+                    target, method=method, body=body, headers=headers, timeout_s=timeout
+                )
+                result = {"status": response.status, "body": _checked_body(response)}
+            except Exception as exc:
+                if secret and secret in str(exc):
+                    raise _redacted_error(exc, secret) from None
+                raise
+            return redact(result, secret) if secret else result
 
         request = {"method": method, "url": url, "body": body}
         recorded = ctx.perform_effect(self.effect_name, request, send)
         return recorded["body"]
+
+
+def _auth_secret(name: str | None) -> str | None:
+    """The value of the tenant's secret `name` (the task's tenant context is current)."""
+    if not name:
+        return None
+    # Imported here: operators load while Django's app registry is still filling.
+    from apps.secrets.services import SecretMissing, SecretUnreadable, secret_value
+
+    try:
+        value = secret_value(name)
+    except (SecretMissing, SecretUnreadable) as exc:
+        raise PermanentError(f"auth_secret: {exc}") from None
+    if not value.isascii():
+        raise PermanentError(
+            f"auth_secret: secret {name!r} has non-ASCII characters and cannot be sent in an"
+            " Authorization header; an owner can replace its value on the Secrets page"
+        )
+    return value
+
+
+def redact(value: Any, secret: str) -> Any:
+    """`value` (JSON) with every occurrence of `secret` in its strings replaced: a receiver
+    that echoes the request's headers must not put the secret into the step's output."""
+    if isinstance(value, str):
+        return value.replace(secret, REDACTED)
+    if isinstance(value, list):
+        return [redact(item, secret) for item in value]
+    if isinstance(value, dict):
+        return {redact(k, secret): redact(v, secret) for k, v in value.items()}
+    return value
+
+
+def _redacted_error(exc: Exception, secret: str) -> Exception:
+    """The same kind of failure (permanent or retryable), with the secret cut out."""
+    message = str(exc).replace(secret, REDACTED)
+    if isinstance(exc, PermanentError):
+        return PermanentError(message)
+    if isinstance(exc, HttpRetryable):
+        return HttpRetryable(message)
+    return HttpRetryable(f"{type(exc).__name__}: {message}")
 
 
 def _checked_body(response: HttpResponse) -> Any:
@@ -109,6 +167,7 @@ class HttpTool(HttpOperator):
             "method": {"enum": ["POST", "PUT", "PATCH", "GET", "DELETE"]},
             "timeout_s": TIMEOUT_SCHEMA,
             "output": FIELD_NAME,
+            "auth_secret": AUTH_SECRET_SCHEMA,
         },
     }
     effect_name = "tool.http"
@@ -129,7 +188,11 @@ class Webhook(HttpOperator):
         "type": "object",
         "additionalProperties": False,
         "required": ["url"],
-        "properties": {"url": URL_SCHEMA, "timeout_s": TIMEOUT_SCHEMA},
+        "properties": {
+            "url": URL_SCHEMA,
+            "timeout_s": TIMEOUT_SCHEMA,
+            "auth_secret": AUTH_SECRET_SCHEMA,
+        },
     }
     effect_name = "sink.webhook"
 
