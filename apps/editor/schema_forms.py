@@ -26,6 +26,12 @@ HELP = {
     "cases": 'Value → output port, e.g. {"urgent": "fast", "other": "slow"} (JSON).',
     "by": "The id of the fanout.split node whose items this collects.",
     "auth_secret": "Sent as Authorization: Bearer <secret>. Add secrets in Settings → Secrets.",
+    # The graph's policies.
+    "ttl_s": "A run must finish within this many seconds, or it stops.",
+    "budget_usd": "A run stops when its model calls have cost this much.",
+    "max_fanout": "The most items one fan-out may produce.",
+    "on_disconnect": "cancel: stop a run when its last viewer leaves; detach: keep it running.",
+    "disconnect_grace_s": "How long a cancel-on-disconnect run waits for a viewer to return.",
 }
 
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from apps.editor import history, run_dialog, views
+from apps.editor import history, policies, run_dialog, views
 
 app_name = "editor"
 urlpatterns = [
@@ -8,6 +8,10 @@ urlpatterns = [
     path("graphs/<slug:slug>/editor/", views.editor_page, name="edit"),
     path("graphs/<slug:slug>/editor/node-form", views.node_form_view, name="node_form"),
     path("graphs/<slug:slug>/editor/node-config", views.node_config_view, name="node_config"),
+    path(
+        "graphs/<slug:slug>/editor/policies-form", policies.policies_form_view, name="policies_form"
+    ),
+    path("graphs/<slug:slug>/editor/policies", policies.policies_view, name="policies"),
     path("graphs/<slug:slug>/editor/validate", views.validate_view, name="validate"),
     path("graphs/<slug:slug>/editor/layout", views.layout_view, name="layout"),
     path("graphs/<slug:slug>/editor/save", views.save_view, name="save"),

@@ -116,7 +116,16 @@ def _opened_version(
 
 
 def _urls(graph: StreamGraph) -> dict[str, str]:
-    names = ["node_form", "node_config", "validate", "save", "layout", "run_form"]
+    names = [
+        "node_form",
+        "node_config",
+        "policies_form",
+        "policies",
+        "validate",
+        "save",
+        "layout",
+        "run_form",
+    ]
     urls = {name: reverse(f"editor:{name}", args=[graph.slug]) for name in names}
     urls["edit"] = reverse("editor:edit", args=[graph.slug])
     urls["history"] = reverse("editor:history", args=[graph.slug])

@@ -375,6 +375,28 @@
     say("Applied to " + detail.node.id + ".", "ok");
   });
 
+  // The graph's policies live outside the canvas model, so undo does not cover them.
+  function showPolicies() {
+    selection.clean();
+    htmx.ajax("POST", data.urls.policies_form, {
+      target: "#inspector",
+      swap: "innerHTML",
+      headers: { "X-CSRFToken": csrf },
+      values: { policies: JSON.stringify(basePolicies || {}) },
+    });
+  }
+
+  document.body.addEventListener("sluice:policies", function (event) {
+    if (!event.detail.valid) {
+      say("Not applied: fix the fields marked in the panel.", "error");
+      return;
+    }
+    var policies = event.detail.policies;
+    basePolicies = Object.keys(policies).length ? policies : undefined;
+    setDirty(true);
+    say("Graph settings applied.", "ok");
+  });
+
   // -- palette ----------------------------------------------------------------------------
 
   function visibleCentre() {
@@ -469,6 +491,7 @@
     "zoom-out": function () { graph.zoom(-0.1); },
     fit: function () { graph.zoomToFit({ padding: 40, maxScale: 1 }); },
     validate: validate,
+    settings: showPolicies,
     save: save,
     run: openRunDialog,
   };

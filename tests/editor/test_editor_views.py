@@ -395,3 +395,23 @@ def test_another_tenants_graph_is_a_404_everywhere_and_nothing_changes(
 def test_signed_out_visitors_are_sent_to_log_in(client: Client, graph: StreamGraph) -> None:
     response = client.get(reverse("editor:edit", args=["flow"]))
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_graph_settings_are_checked_and_come_back_as_policies(
+    client: Client, world: World, graph: StreamGraph
+) -> None:
+    logged_in(client, world, "editor")
+    url = reverse("editor:policies_form", args=["flow"])
+    form = text(client.post(url, {"policies": json.dumps({"ttl_s": 60})}))
+    assert 'name="policy.ttl_s"' in form and 'value="60"' in form
+    apply = reverse("editor:policies", args=["flow"])
+    good = client.post(apply, {"policy.ttl_s": "120", "policy.on_disconnect": "cancel"})
+    event = json.loads(good["HX-Trigger"])["sluice:policies"]
+    assert event == {"policies": {"ttl_s": 120, "on_disconnect": "cancel"}, "valid": True}
+    bad = client.post(apply, {"policy.ttl_s": "0", "policy.max_fanout": "many"})
+    assert json.loads(bad["HX-Trigger"])["sluice:policies"]["valid"] is False
+    assert "Enter a whole number, not &#x27;many&#x27;." in bad.content.decode()
+    bounds = client.post(apply, {"policy.ttl_s": "0"})
+    assert "0 is less than the minimum of 1." in text(bounds)
+    logged_in(client, world, "viewer")
+    assert client.post(apply, {"policy.ttl_s": "5"}).status_code == 403
