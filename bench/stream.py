@@ -143,9 +143,10 @@ def make_jobs(stack: Stack, side: str, prompts: list[tuple[str, str]]) -> list[A
 
 def bearer_and_graph(tokens: int) -> tuple[Any, str, Any]:
     from apps.graphs.services import create_graph
+    from apps.tenants.api_keys import create_api_key
     from apps.tenants.context import tenant_context
     from apps.tenants.keys import RUNS_READ
-    from apps.tenants.services import create_api_key, create_tenant
+    from apps.tenants.services import create_tenant
 
     tenant = create_tenant(slug="bench", name="Bench", actor="bench")
     _, secret = create_api_key(tenant=tenant, name="stream", scopes=[RUNS_READ], actor="bench")

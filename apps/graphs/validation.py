@@ -401,12 +401,21 @@ def _config_errors(graph: _Graph) -> list[SpecError]:
     return errors
 
 
+def _config_message(error: ValidationError) -> str:
+    """A pattern's rule in words when the operator's schema gives one ("x-rule")."""
+    rule = error.schema.get("x-rule") if isinstance(error.schema, dict) else None
+    if error.validator == "pattern" and isinstance(rule, str):
+        return f"{error.instance!r} {rule}"
+    return error.message
+
+
 def _node_config_errors(graph: _Graph, node: JSON, config: JSON) -> list[SpecError]:
     where = _node_label(node)
     schema_errors = _sorted_errors(_config_validator(node["type"]), config)
     if schema_errors:
         return [
-            SpecError(where, _dotted(e.absolute_path, "config"), e.message) for e in schema_errors
+            SpecError(where, _dotted(e.absolute_path, "config"), _config_message(e))
+            for e in schema_errors
         ]
     graph.schema_ok.add(node["id"])
     operator = REGISTRY[node["type"]]

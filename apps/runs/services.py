@@ -27,6 +27,7 @@ from apps.runs.models import (
 )
 from apps.runs.stepflow import DEADLINE, new_step
 from apps.runs.transitions import skip_waiting_steps, transition_run
+from apps.tenants.quotas import check_run_quotas
 from workers.control import publish_stop_on_commit
 
 MAX_INPUT_BYTES = 1024 * 1024
@@ -62,6 +63,7 @@ def start_run(
     policies = version.spec.get("policies", {})
     now = timezone.now()
     with transaction.atomic():
+        check_run_quotas(version.tenant_id, policies)
         run = Run.objects.create(
             graph_version=version,
             kind=kind,

@@ -5,7 +5,7 @@ import re
 # Lowercase, so "API-key" and "api-key" can never be two different secrets.
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 NAME_RULE = "lowercase letters, digits, '-' and '_', starting with a letter, at most 64 characters"
-NAME_SCHEMA = {"type": "string", "pattern": NAME_PATTERN}
+NAME_SCHEMA = {"type": "string", "pattern": NAME_PATTERN, "x-rule": f"must be {NAME_RULE}"}
 
 _NAME = re.compile(NAME_PATTERN)
 

@@ -1,14 +1,15 @@
-"""Checks that a signed-in person may act in the current tenant."""
+"""Checks that a signed-in person may act in the current tenant, and lookups by id of the
+current tenant's members, invitations and API keys (404 for missing and not yours alike)."""
 
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-from django.contrib.auth.decorators import login_required
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 
-from apps.tenants.models import Membership, Role
+from apps.tenants.models import ApiKey, Invitation, Membership, Role
 
 View = TypeVar("View", bound=Callable[..., HttpResponse])
 
@@ -28,6 +29,33 @@ def require_role(request: HttpRequest, role: Role) -> Membership:
     return membership
 
 
+def is_htmx(request: HttpRequest) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def to_login(request: HttpRequest) -> HttpResponse:
+    """The login page, coming back here after. An htmx request gets the address in
+    `HX-Redirect` instead of a 302, which htmx would follow and swap into a fragment."""
+    redirect = redirect_to_login(request.get_full_path())
+    if not is_htmx(request):
+        return redirect
+    response = HttpResponse(status=200)
+    response["HX-Redirect"] = redirect["Location"]
+    return response
+
+
+def login_required(view: View) -> View:
+    """Django's login_required, with `to_login` for anonymous visitors."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not request.user.is_authenticated:
+            return to_login(request)
+        return view(request, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def tenant_member_required(view: View) -> View:
     """login_required, plus a membership (404 for a user with none)."""
 
@@ -37,3 +65,25 @@ def tenant_member_required(view: View) -> View:
         return view(request, *args, **kwargs)
 
     return login_required(wrapper)  # type: ignore[return-value]
+
+
+def member_by_id(membership_id: int) -> Membership:
+    membership = Membership.objects.select_related("user", "tenant").filter(pk=membership_id)
+    return _found(membership.first())
+
+
+def invitation_by_id(invitation_id: int) -> Invitation:
+    return _found(Invitation.objects.select_related("tenant").filter(pk=invitation_id).first())
+
+
+def api_key_by_id(key_id: int) -> ApiKey:
+    return _found(ApiKey.objects.select_related("tenant").filter(pk=key_id).first())
+
+
+T = TypeVar("T")
+
+
+def _found(row: T | None) -> T:
+    if row is None:
+        raise Http404("No such thing in this tenant.")
+    return row

@@ -5,7 +5,7 @@ from django.http import HttpRequest
 
 from apps.audit.services import record
 from apps.tenants.admin_base import AllTenantsAdmin, ReadOnlyAdmin
-from apps.tenants.models import ApiKey, Membership, Tenant
+from apps.tenants.models import ApiKey, Invitation, Membership, Tenant
 
 
 @admin.register(Tenant)
@@ -52,3 +52,19 @@ class ApiKeyAdmin(ReadOnlyAdmin):
     list_display = ["name", "prefix", "tenant", "scopes", "created_at", "revoked_at"]
     list_filter = ["tenant"]
     exclude = ["hashed_secret"]
+
+
+@admin.register(Invitation)
+class InvitationAdmin(ReadOnlyAdmin):
+    list_display = [
+        "email",
+        "tenant",
+        "role",
+        "invited_by",
+        "created_at",
+        "expires_at",
+        "accepted_at",
+        "revoked_at",
+    ]
+    list_filter = ["tenant", "role"]
+    exclude = ["token_hash"]

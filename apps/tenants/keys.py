@@ -8,8 +8,19 @@ from django.utils import timezone
 
 from apps.tenants.models import API_KEY_PREFIX_LEN, ApiKey, hash_api_secret
 
-# Scopes a key may carry (the API issue adds more).
+# Scopes a key may carry. SCOPES is the one list the key form offers and the service checks.
+GRAPHS_READ = "graphs:read"
+GRAPHS_WRITE = "graphs:write"
 RUNS_READ = "runs:read"
+RUNS_WRITE = "runs:write"
+EVENTS_WRITE = "events:write"
+SCOPES: dict[str, str] = {
+    GRAPHS_READ: "List graphs and read their versions.",
+    GRAPHS_WRITE: "Create graphs and add versions.",
+    RUNS_READ: "Read runs, their steps and results; follow a run's live events.",
+    RUNS_WRITE: "Start and cancel runs.",
+    EVENTS_WRITE: "Send events into a graph's source.",
+}
 # last_used_at is a hint for people, not an audit: written at most this often per key.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 

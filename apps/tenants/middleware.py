@@ -1,7 +1,7 @@
 from collections.abc import Callable
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Membership
@@ -28,6 +28,16 @@ def membership_for_user(user: Any, chosen: object) -> Membership | None:
         if membership is not None:
             return membership
     return memberships.order_by("created_at", "id").first()
+
+
+def choose_tenant(request: HttpRequest, tenant_id: object) -> Membership:
+    """Makes `tenant_id` the session's current tenant, if the signed-in user is a member of
+    it; 404 otherwise (another tenant and a missing one look the same)."""
+    membership = membership_for_user(request.user, tenant_id)
+    if membership is None or str(membership.tenant_id) != str(tenant_id):
+        raise Http404("You are not a member of that tenant.")
+    request.session[SESSION_TENANT_KEY] = membership.tenant_id
+    return membership
 
 
 class TenantMiddleware:

@@ -1,11 +1,13 @@
 import hashlib
 import secrets
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.utils import timezone
 
 from apps.tenants.context import current_tenant
 
@@ -18,6 +20,11 @@ class Tenant(models.Model):
     outbound_allowlist = ArrayField(models.CharField(max_length=253), default=list, blank=True)
     # Inference spend allowed per calendar month (UTC), across all runs; none when empty.
     monthly_budget_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    # Quotas (apps.tenants.quotas, checked when a run starts); none when empty.
+    # Runs queued or running at once.
+    max_active_runs = models.PositiveIntegerField(null=True, blank=True)
+    # The largest `policies.budget_usd` a run may get.
+    max_run_budget_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     # Per model: negotiated prices, quality tier, fallbacks (workers.inference.registry).
     model_overrides = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -100,7 +107,7 @@ API_KEY_PREFIX_LEN = 8
 
 
 def hash_api_secret(secret: str) -> str:
-    # API secrets are 256 random bits, so a fast hash is enough; no salt is needed.
+    # API secrets and invite tokens are 256 random bits, so a fast hash is enough; no salt.
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -124,3 +131,48 @@ class ApiKey(TenantModel):
         """(prefix, full key). The full key is shown once and never stored."""
         prefix = secrets.token_hex(API_KEY_PREFIX_LEN // 2)
         return prefix, f"sk_{prefix}_{secrets.token_urlsafe(32)}"
+
+
+INVITE_TTL = timedelta(days=7)
+
+
+class InviteState(models.TextChoices):
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+class Invitation(TenantModel):
+    """An invite by link. Only the SHA-256 of the token is stored; the link is shown to the
+    owner once and mailed to the address."""
+
+    email = models.EmailField()
+    role = models.CharField(max_length=16, choices=Role.choices)
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"invite of {self.email} to {self.tenant_id} as {self.role}"
+
+    def state(self, now: datetime | None = None) -> InviteState:
+        if self.accepted_at is not None:
+            return InviteState.ACCEPTED
+        if self.revoked_at is not None:
+            return InviteState.REVOKED
+        if self.expires_at <= (now or timezone.now()):
+            return InviteState.EXPIRED
+        return InviteState.PENDING
+
+    @staticmethod
+    def new_token() -> str:
+        return secrets.token_urlsafe(32)

@@ -21,9 +21,9 @@ from apps.audit.models import AuditEntry
 from apps.audit.services import record
 from apps.runs.models import Effect, Event, ResultRow, Run, Step, Usage
 from apps.tenants.admin_base import ReadOnlyAdmin
+from apps.tenants.api_keys import create_api_key
 from apps.tenants.keys import RUNS_READ
 from apps.tenants.models import ApiKey
-from apps.tenants.services import create_api_key
 from tests.audit.helpers import add_row, add_usage, cells, make_run, staff_client
 from tests.conftest import World
 

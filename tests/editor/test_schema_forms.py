@@ -58,3 +58,20 @@ def test_enum_members_keep_their_json_type() -> None:
     schema = {"type": "object", "properties": {"n": {"enum": [1, 2, "three"]}}}
     assert parse_fields(schema, {"n": "2"}) == ({"n": 2}, {})
     assert parse_fields(schema, {"n": "three"}) == ({"n": "three"}, {})
+
+
+def test_a_pattern_error_says_the_rule_in_words() -> None:
+    from apps.graphs.validation import validate_spec
+
+    spec = {
+        "nodes": [
+            {"id": "in", "type": "source.manual"},
+            {"id": "keep", "type": "sink.table", "config": {"table": "Bad Name"}},
+        ],
+        "edges": [["in", "keep"]],
+    }
+    [error] = validate_spec(spec)
+    assert error.field == "config.table"
+    assert error.message == (
+        "'Bad Name' must be lowercase letters, digits and '_', starting with a letter"
+    )

@@ -15,10 +15,10 @@ from apps.live import feed
 from apps.live.publisher import FEED
 from apps.runs.models import Run
 from apps.runs.services import start_run
+from apps.tenants.api_keys import create_api_key
 from apps.tenants.context import tenant_context
 from apps.tenants.keys import RUNS_READ
 from apps.tenants.models import Tenant
-from apps.tenants.services import create_api_key
 from sluice.asgi import application
 from tests.conftest import World
 

@@ -5,7 +5,7 @@ from django.db import IntegrityError, transaction
 
 from apps.audit.models import AuditEntry
 from apps.graphs.models import GraphVersion, StreamGraph
-from apps.graphs.services import create_graph
+from apps.graphs.services import GraphExists, create_graph
 from apps.graphs.validation import SpecInvalid
 from apps.runs.models import Event
 from apps.runs.services import start_run
@@ -57,8 +57,11 @@ def test_a_bad_spec_writes_nothing(world: World) -> None:
 def test_graph_slugs_are_unique_per_tenant_only(world: World) -> None:
     world.graph("same", SPEC)
     world.graph("same", SPEC, tenant=world.globex)
-    with pytest.raises(IntegrityError), transaction.atomic():
+    with pytest.raises(GraphExists):
         world.graph("same", SPEC)
+    # The service checks first; the database refuses a duplicate all the same.
+    with tenant_context(world.acme), pytest.raises(IntegrityError), transaction.atomic():
+        StreamGraph.objects.create(slug="same", name="Same again")
 
 
 def test_versions_events_and_audit_entries_refuse_changes_in_the_database(world: World) -> None:

@@ -133,7 +133,7 @@ def test_header_shows_tenant_user_logout_and_admin_only_for_staff(
     client: Client, world: World
 ) -> None:
     body = text(logged_in(client, world, "viewer").get(reverse("graphs:list")))
-    assert '<span class="tenant" title="Current tenant">Acme</span>' in body
+    assert '<a class="tenant" href="/tenants/" title="Switch tenant">Acme</a>' in body
     assert "viewer" in body
     assert f'<form method="post" action="{reverse("logout")}">' in body
     assert reverse("admin:index") not in body

@@ -19,7 +19,12 @@ from workers.operators.templating import render, syntax_error
 
 # A collect's policies for failed items (see Collect.config_schema).
 FAIL_RUN, COLLECT_SUCCEEDED = "fail_run", "collect_succeeded"
-FIELD_NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}(?!\\n)$"}
+# "x-rule" is what validation says when a pattern does not match (JSON Schema ignores it).
+FIELD_NAME = {
+    "type": "string",
+    "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}(?!\\n)$",
+    "x-rule": "must be letters, digits and '_', not starting with a digit, at most 64 characters",
+}
 
 
 def template_variables(payload: JSON) -> dict[str, Any]:
@@ -206,7 +211,13 @@ class TableSink(Operator):
         "type": "object",
         "additionalProperties": False,
         "required": ["table"],
-        "properties": {"table": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}(?!\\n)$"}},
+        "properties": {
+            "table": {
+                "type": "string",
+                "pattern": "^[a-z][a-z0-9_]{0,63}(?!\\n)$",
+                "x-rule": "must be lowercase letters, digits and '_', starting with a letter",
+            }
+        },
     }
 
     def run(self, ctx: StepContext, inputs: list[InputEvent]) -> StepResult:
