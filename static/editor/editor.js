@@ -460,7 +460,7 @@
         if (p) cell.position(p.x + 20, p.y + 20);
       });
       graph.stopBatch("layout");
-      graph.zoomToFit({ padding: 40, maxScale: 1 });
+      graph.zoomToFit({ padding: 40, maxScale: 1, minScale: 0.7 });
     });
   }
 
@@ -489,7 +489,7 @@
     layout: autoLayout,
     "zoom-in": function () { graph.zoom(0.1); },
     "zoom-out": function () { graph.zoom(-0.1); },
-    fit: function () { graph.zoomToFit({ padding: 40, maxScale: 1 }); },
+    fit: function () { graph.zoomToFit({ padding: 40, maxScale: 1, minScale: 0.7 }); },
     validate: validate,
     settings: showPolicies,
     save: save,
@@ -556,7 +556,7 @@
     // Graphs made through the API or the JSON form have no positions: lay them out once.
     autoLayout().then(finishLoading, finishLoading);
   } else {
-    if (graph.getNodes().length) graph.zoomToFit({ padding: 40, maxScale: 1 });
+    if (graph.getNodes().length) graph.zoomToFit({ padding: 40, maxScale: 1, minScale: 0.7 });
     finishLoading();
   }
 
