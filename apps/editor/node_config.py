@@ -4,8 +4,8 @@ into the node's new JSON with errors on the fields they concern.
 The canvas holds the unsaved graph, so each request carries the node and the whole spec as
 the browser has them; the server keeps nothing between requests. A node is checked inside
 that spec with the same validator that guards saving, and only the errors about this node's
-id, label and config are shown on the form (an unconnected node is not the form's problem;
-Validate and Save report it on the canvas)."""
+id, label, config, retries and deadline are shown on the form (an unconnected node is not
+the form's problem; Validate and Save report it on the canvas)."""
 
 import json
 import re
@@ -15,11 +15,36 @@ from typing import Any
 from django.http import QueryDict
 
 from apps.editor.schema_forms import ChoicesFor, SchemaField, fields_for, parse_fields
-from apps.graphs.validation import NODE_ID_PATTERN, NODE_ID_RULE, SpecError, validate_spec
+from apps.graphs.validation import (
+    DEFAULT_BACKOFF_S,
+    DEFAULT_MAX_ATTEMPTS,
+    NODE_ID_PATTERN,
+    NODE_ID_RULE,
+    SPEC_SCHEMA,
+    SpecError,
+    validate_spec,
+)
 from workers.operators import REGISTRY
 
 JSON = dict[str, Any]
 CONFIG_PREFIX = "cfg."
+STEP_PREFIX = "step."
+_NODE_PROPERTIES = SPEC_SCHEMA["properties"]["nodes"]["items"]["properties"]
+# A node's own settings beside its config: retries and the step's deadline, with the bounds
+# the spec schema gives them. Form name -> (where it lives in the node).
+STEP_SCHEMA: JSON = {
+    "type": "object",
+    "properties": {
+        "max_attempts": _NODE_PROPERTIES["retry"]["properties"]["max_attempts"],
+        "backoff_s": _NODE_PROPERTIES["retry"]["properties"]["backoff_s"],
+        "step_ttl_s": _NODE_PROPERTIES["ttl_s"],
+    },
+}
+STEP_HELP = {
+    "max_attempts": f"Attempts in all before the step is dead (default {DEFAULT_MAX_ATTEMPTS}).",
+    "backoff_s": f"Seconds before the first retry, then doubling (default {DEFAULT_BACKOFF_S:g}).",
+    "step_ttl_s": "The step is skipped if not finished this many seconds after it became ready.",
+}
 LABEL_MAX = 100
 
 
@@ -34,6 +59,7 @@ class NodeForm:
     description: str
     label: str
     fields: list[SchemaField]
+    step_fields: list[SchemaField]
     id_error: str = ""
     label_error: str = ""
     other_errors: list[str] = field(default_factory=list)
@@ -44,7 +70,7 @@ class NodeForm:
             self.id_error
             or self.label_error
             or self.other_errors
-            or any(f.error for f in self.fields)
+            or any(f.error for f in [*self.fields, *self.step_fields])
         )
 
 
@@ -75,7 +101,32 @@ def form_for(node: JSON, choices_for: ChoicesFor) -> NodeForm:
         description=operator.description,
         label=str(node.get("label", "")),
         fields=fields_for(operator.config_schema, config or {}, choices_for),
+        step_fields=_step_fields(node),
     )
+
+
+def _step_fields(node: JSON) -> list[SchemaField]:
+    retry = node.get("retry") if isinstance(node.get("retry"), dict) else {}
+    values = {
+        "max_attempts": (retry or {}).get("max_attempts"),
+        "backoff_s": (retry or {}).get("backoff_s"),
+        "step_ttl_s": node.get("ttl_s"),
+    }
+    fields = fields_for(STEP_SCHEMA, values)
+    for schema_field in fields:
+        schema_field.help = STEP_HELP[schema_field.name]
+    return fields
+
+
+def _with_step_settings(node: JSON, settings: JSON) -> JSON:
+    """`node` with retry and ttl_s as the form set them; an emptied field is removed."""
+    updated = {key: value for key, value in node.items() if key not in ("retry", "ttl_s")}
+    retry = {key: settings[key] for key in ("max_attempts", "backoff_s") if key in settings}
+    if retry:
+        updated["retry"] = retry
+    if "step_ttl_s" in settings:
+        updated["ttl_s"] = settings["step_ttl_s"]
+    return updated
 
 
 def apply(
@@ -84,9 +135,14 @@ def apply(
     """The node as the form describes it, and the form re-rendered with any errors."""
     operator = REGISTRY[node["type"]]
     config, config_errors = parse_fields(operator.config_schema, data, CONFIG_PREFIX)
+    settings, step_errors = parse_fields(STEP_SCHEMA, data, STEP_PREFIX)
     new_id = data.get("node_id", "").strip()
     label = data.get("label", "").strip()
-    updated = {key: value for key, value in node.items() if key not in ("config", "label")}
+    updated = {
+        key: value
+        for key, value in _with_step_settings(node, settings).items()
+        if key not in ("config", "label")
+    }
     updated["id"] = new_id
     if config:
         updated["config"] = config
@@ -97,9 +153,12 @@ def apply(
     for schema_field in form.fields:
         schema_field.value = data.get(CONFIG_PREFIX + schema_field.name, "")
         schema_field.error = config_errors.get(schema_field.name, "")
+    for schema_field in form.step_fields:
+        schema_field.value = data.get(STEP_PREFIX + schema_field.name, "")
+        schema_field.error = step_errors.get(schema_field.name, "")
     form.id_error = _id_error(new_id, str(node.get("id", "")), spec)
     form.label_error = f"At most {LABEL_MAX} characters." if len(label) > LABEL_MAX else ""
-    if not config_errors and not form.id_error:
+    if not config_errors and not step_errors and not form.id_error:
         _attach_spec_errors(form, _errors_about(updated, node, spec))
     return updated, form
 
@@ -125,12 +184,19 @@ def _errors_about(updated: JSON, original: JSON, spec: JSON) -> list[SpecError]:
     return [
         error
         for error in validate_spec({**spec, "nodes": nodes, "edges": edges})
-        if error.where == where and (error.field.startswith("config") or error.field in _NODE_KEYS)
+        if error.where == where
+        and (error.field.startswith(("config", "retry.")) or error.field in _NODE_KEYS)
     ]
 
 
 # Node-level fields an operator's own check may name (llm.generate: resources.queue).
-_NODE_KEYS = {"id", "label", "type", "resources.queue"}
+_NODE_KEYS = {"id", "label", "type", "resources.queue", "ttl_s"}
+# Where a validator error about a node's own settings goes on the form.
+_STEP_FIELD_OF = {
+    "retry.max_attempts": "max_attempts",
+    "retry.backoff_s": "backoff_s",
+    "ttl_s": "step_ttl_s",
+}
 
 
 def _renamed(edge: Any, old: Any, new: str) -> Any:
@@ -141,7 +207,12 @@ def _renamed(edge: Any, old: Any, new: str) -> Any:
 
 def _attach_spec_errors(form: NodeForm, errors: list[SpecError]) -> None:
     by_name = {f.name: f for f in form.fields}
+    step_fields = {f.name: f for f in form.step_fields}
     for error in errors:
+        step_field = step_fields.get(_STEP_FIELD_OF.get(error.field, ""))
+        if step_field is not None:
+            step_field.error = step_field.error or error.message[:1].upper() + error.message[1:]
+            continue
         name = error.field.removeprefix("config").lstrip(".").split(".", 1)[0].split("[", 1)[0]
         target = by_name.get(name) if error.field.startswith("config") else None
         message = error.message[:1].upper() + error.message[1:]

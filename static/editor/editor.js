@@ -375,6 +375,41 @@
     say("Applied to " + detail.node.id + ".", "ok");
   });
 
+  // Connecting without a pointer: under a selected node's form, pick one of its output
+  // ports and a node to send it to. The edge is the same as one drawn on the canvas.
+  function addConnectControls(cell) {
+    var outputs = cell.getPorts().filter(function (port) { return port.group === "out"; });
+    var targets = graph.getNodes().filter(function (other) {
+      return other !== cell && other.getPorts().some(function (port) { return port.id === "in"; });
+    });
+    if (!outputs.length || !targets.length) return;
+    var box = document.createElement("fieldset");
+    box.className = "connect-controls";
+    box.innerHTML =
+      '<legend>Connect</legend><label for="connect-port">From port</label><select id="connect-port"></select>' +
+      '<label for="connect-target">To node</label><select id="connect-target"></select>' +
+      '<button type="button" class="button small">Add edge</button>';
+    var portSelect = box.querySelector("#connect-port");
+    var targetSelect = box.querySelector("#connect-target");
+    outputs.forEach(function (port) { portSelect.add(new Option(port.id.slice(4), port.id)); });
+    targets.forEach(function (other) { targetSelect.add(new Option(nodeOf(other).id, other.id)); });
+    box.querySelector("button").addEventListener("click", function () {
+      var edge = edgeStyle();
+      edge.source = { cell: cell.id, port: portSelect.value };
+      edge.target = { cell: targetSelect.value, port: "in" };
+      graph.addEdge(edge);
+      say("Connected " + nodeOf(cell).id + " to " + nodeOf(graph.getCellById(targetSelect.value)).id + ".", "ok");
+    });
+    document.getElementById("inspector").appendChild(box);
+  }
+
+  document.body.addEventListener("htmx:afterSwap", function (event) {
+    if (!editable || event.target.id !== "inspector") return;
+    var form = document.getElementById("node-form");
+    var cell = form && graph.getCellById(form.getAttribute("data-cell"));
+    if (cell) addConnectControls(cell);
+  });
+
   // The graph's policies live outside the canvas model, so undo does not cover them.
   function showPolicies() {
     selection.clean();

@@ -129,9 +129,15 @@ def test_editor_builds_a_graph_by_drag_and_drop_saves_diffs_rolls_back_and_runs(
     expect(page.locator(".x6-node")).to_have_count(4)
     page.get_by_role("button", name="Redo").click()
     expect(page.locator(".x6-node")).to_have_count(5)
+    # The node panel connects without a pointer too.
+    node(page, "generate").click()
+    page.get_by_label("To node").select_option(label="webhook")
+    page.get_by_role("button", name="Add edge").click()
+    assert ["generate", "webhook"] in canvas_spec(page)["edges"]  # type: ignore[operator]
     node(page, "webhook").click()
     page.keyboard.press("Delete")
     expect(page.locator(".x6-node")).to_have_count(4)
+    assert len(canvas_spec(page)["edges"]) == 3  # type: ignore[arg-type]
     page.get_by_label("Search operators").fill("")
 
     configure(page, "template", {"Template": "Hello {{ name }}", "Output": "greeting"})

@@ -415,3 +415,23 @@ def test_graph_settings_are_checked_and_come_back_as_policies(
     assert "0 is less than the minimum of 1." in text(bounds)
     logged_in(client, world, "viewer")
     assert client.post(apply, {"policy.ttl_s": "5"}).status_code == 403
+
+
+def test_retries_and_the_step_deadline_are_set_from_the_form(
+    client: Client, world: World, graph: StreamGraph
+) -> None:
+    logged_in(client, world, "editor")
+    node = {"id": "ask", "type": "llm.generate", "retry": {"max_attempts": 5}, "ttl_s": 30}
+    form = text(node_post(client, "node_form", "flow", node, SPEC))
+    assert 'name="step.max_attempts"' in form and 'value="5"' in form and 'value="30"' in form
+    fields = {"node_id": "ask", "cfg.prompt": "Q", "step.backoff_s": "2.5", "step.step_ttl_s": ""}
+    response = node_post(client, "node_config", "flow", node, SPEC, **fields)
+    event = json.loads(response["HX-Trigger"])["sluice:node-config"]
+    # Emptied fields are removed: the platform's defaults apply again.
+    assert event["node"]["retry"] == {"backoff_s": 2.5} and "ttl_s" not in event["node"]
+    bad = node_post(
+        client, "node_config", "flow", node, SPEC,
+        node_id="ask", **{"cfg.prompt": "Q", "step.max_attempts": "11"},
+    )  # fmt: skip
+    assert json.loads(bad["HX-Trigger"])["sluice:node-config"]["valid"] is False
+    assert "11 is greater than the maximum of 10" in text(bad)
