@@ -354,10 +354,22 @@ def revoke_invite_view(request: HttpRequest, invitation_id: int) -> HttpResponse
 # -- API keys -------------------------------------------------------------------------------
 
 
+# A new key's secret waits here between the POST that made it and the page that shows it
+# (post/redirect/get: a reload then repeats the GET, not the creation). Shown once, removed.
+NEW_KEY_SESSION_KEY = "sluice_new_api_key"
+
+
 @require_GET
 @tenant_member_required
 def keys(request: HttpRequest) -> HttpResponse:
-    return _keys_page(request)
+    waiting = request.session.pop(NEW_KEY_SESSION_KEY, None)
+    new_key = None
+    if isinstance(waiting, dict):
+        # Only a key of the current tenant: the session may have switched tenants since.
+        key = ApiKey.objects.filter(pk=waiting.get("id")).first()
+        if key is not None:
+            new_key = (key, str(waiting.get("secret", "")))
+    return _keys_page(request, new_key=new_key)
 
 
 def _keys_page(
@@ -395,7 +407,9 @@ def create_key_view(request: HttpRequest) -> HttpResponse:
         except Refused as exc:
             attach(form, exc)
         else:
-            return _keys_page(request, new_key=new_key)
+            key, secret = new_key
+            request.session[NEW_KEY_SESSION_KEY] = {"id": key.pk, "secret": secret}
+            return redirect("tenants:keys")
     return _keys_page(request, form=form, status=400)
 
 

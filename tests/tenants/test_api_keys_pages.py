@@ -50,9 +50,12 @@ def test_owner_creates_a_key_whose_secret_is_shown_once_and_works(
     client: Client, world: World
 ) -> None:
     sign_in(client, world.owner)
-    response = client.post(
+    created = client.post(
         reverse("tenants:create_key"), {"name": "nightly import", "scopes": ["runs:read"]}
     )
+    # Post/redirect/get: reloading the page that shows the secret creates nothing.
+    assert created.status_code == 302 and created["Location"] == reverse("tenants:keys")
+    response = client.get(created["Location"])
     assert response.status_code == 200
     body = text(response)
     shown = SECRET_INPUT.search(body)
@@ -76,6 +79,9 @@ def test_owner_creates_a_key_whose_secret_is_shown_once_and_works(
     assert secret[len(f"sk_{key.prefix}_") :] not in str(
         list(AuditEntry.unscoped_all_tenants.values())
     )
+
+    assert secret not in text(client.get(reverse("tenants:keys")))  # shown once only
+    assert ApiKey.unscoped_all_tenants.count() == 1
 
     row_of = re.compile(rf'<tr data-key="{key.prefix}">(.*?)</tr>', re.S)
     row = row_of.search(text(client.get(reverse("tenants:keys"))))
