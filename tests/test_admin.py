@@ -79,3 +79,20 @@ def test_tenant_budget_and_model_overrides_are_validated_and_audited(world: Worl
     entry = AuditEntry.unscoped_all_tenants.get(tenant=world.acme, action="tenant.change")
     assert entry.after["monthly_budget_usd"] == "25.50"
     assert entry.before["monthly_budget_usd"] == "None"
+
+
+def test_tenant_quotas_in_the_admin_keep_the_settings_pages_bounds_and_are_audited(
+    world: World,
+) -> None:
+    staff = get_user_model().objects.create_superuser("root", password="pw-root")
+    client = Client()
+    client.force_login(staff)
+    url = f"/admin/tenants/tenant/{world.acme.pk}/change/"
+    refused = client.post(url, tenant_form(world, max_active_runs="0", monthly_budget_usd="-5"))
+    assert refused.status_code == 200
+    assert "Enter a number from 1 to" in refused.content.decode()
+    world.acme.refresh_from_db()
+    assert world.acme.max_active_runs is None and world.acme.monthly_budget_usd is None
+    assert client.post(url, tenant_form(world, max_active_runs="3")).status_code == 302
+    entry = AuditEntry.unscoped_all_tenants.get(tenant=world.acme, action="tenant.change")
+    assert entry.after["max_active_runs"] == "3" and entry.before["max_active_runs"] == "None"

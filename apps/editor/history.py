@@ -54,7 +54,7 @@ def rollback_view(request: HttpRequest, slug: str, number: int) -> HttpResponse:
     graph = graph_by_slug(slug)
     target = version_of(graph, number)
     version = roll_back(graph=graph, to=target, actor=request.user)
-    deployed = graph_by_slug(slug).deployed_version_id == version.pk
+    deployed = version.graph.deployed_version_id == version.pk  # the graph row roll_back locked
     messages.success(
         request,
         f"Version {version.number} is a copy of version {number}"

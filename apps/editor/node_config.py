@@ -14,7 +14,13 @@ from typing import Any
 
 from django.http import QueryDict
 
-from apps.editor.schema_forms import ChoicesFor, SchemaField, fields_for, parse_fields
+from apps.editor.schema_forms import (
+    ChoicesFor,
+    SchemaField,
+    fields_as_typed,
+    fields_for,
+    parse_fields,
+)
 from apps.graphs.validation import (
     DEFAULT_BACKOFF_S,
     DEFAULT_MAX_ATTEMPTS,
@@ -112,7 +118,10 @@ def _step_fields(node: JSON) -> list[SchemaField]:
         "backoff_s": (retry or {}).get("backoff_s"),
         "step_ttl_s": node.get("ttl_s"),
     }
-    fields = fields_for(STEP_SCHEMA, values)
+    return _with_help(fields_for(STEP_SCHEMA, values))
+
+
+def _with_help(fields: list[SchemaField]) -> list[SchemaField]:
     for schema_field in fields:
         schema_field.help = STEP_HELP[schema_field.name]
     return fields
@@ -148,14 +157,16 @@ def apply(
         updated["config"] = config
     if label:
         updated["label"] = label
-    form = form_for(updated, choices_for)
-    # Show what was typed, not what parsed: a half-typed number must stay on screen.
-    for schema_field in form.fields:
-        schema_field.value = data.get(CONFIG_PREFIX + schema_field.name, "")
-        schema_field.error = config_errors.get(schema_field.name, "")
-    for schema_field in form.step_fields:
-        schema_field.value = data.get(STEP_PREFIX + schema_field.name, "")
-        schema_field.error = step_errors.get(schema_field.name, "")
+    form = NodeForm(
+        node_id=new_id,
+        type=operator.type_name,
+        description=operator.description,
+        label=label,
+        fields=fields_as_typed(
+            operator.config_schema, data, CONFIG_PREFIX, config_errors, choices_for
+        ),
+        step_fields=_with_help(fields_as_typed(STEP_SCHEMA, data, STEP_PREFIX, step_errors)),
+    )
     form.id_error = _id_error(new_id, str(node.get("id", "")), spec)
     form.label_error = f"At most {LABEL_MAX} characters." if len(label) > LABEL_MAX else ""
     if not config_errors and not step_errors and not form.id_error:

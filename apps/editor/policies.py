@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 from jsonschema import Draft202012Validator
 
 from apps.editor import node_config
-from apps.editor.schema_forms import fields_for, parse_fields
+from apps.editor.schema_forms import fields_as_typed, fields_for, parse_fields
 from apps.graphs.access import graph_by_slug
 from apps.graphs.validation import SPEC_SCHEMA
 from apps.tenants.access import membership_of, require_role, tenant_member_required
@@ -48,10 +48,7 @@ def policies_view(request: HttpRequest, slug: str) -> HttpResponse:
         for error in Draft202012Validator(POLICIES_SCHEMA).iter_errors(policies):
             name = str(error.absolute_path[0]) if error.absolute_path else ""
             errors.setdefault(name, error.message[:1].upper() + error.message[1:] + ".")
-    fields = fields_for(POLICIES_SCHEMA, {})
-    for schema_field in fields:
-        schema_field.value = request.POST.get(POLICIES_PREFIX + schema_field.name, "")
-        schema_field.error = errors.get(schema_field.name, "")
+    fields = fields_as_typed(POLICIES_SCHEMA, request.POST, POLICIES_PREFIX, errors)
     context = {
         "graph": graph,
         "fields": fields,

@@ -9,7 +9,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from apps.editor.schema_forms import SchemaField, fields_for, parse_fields
+from apps.editor.schema_forms import SchemaField, fields_as_typed, fields_for, parse_fields
 from apps.graphs.access import graph_by_slug, version_of
 from apps.graphs.models import GraphVersion, StreamGraph
 from apps.graphs.validation import source_node
@@ -58,10 +58,7 @@ def run_view(request: HttpRequest, slug: str) -> HttpResponse:
     version = version_of(graph, _number(request.POST))
     schema, _values, whole = _input_schema(version)
     values, errors = parse_fields(schema, request.POST, INPUT_PREFIX)
-    fields = fields_for(schema, {})
-    for schema_field in fields:
-        schema_field.value = request.POST.get(INPUT_PREFIX + schema_field.name, "")
-        schema_field.error = errors.get(schema_field.name, "")
+    fields = fields_as_typed(schema, request.POST, INPUT_PREFIX, errors)
     if not errors:
         payload = values["payload"] if whole else values
         try:

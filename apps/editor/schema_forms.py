@@ -68,6 +68,23 @@ def fields_for(
     ]
 
 
+def fields_as_typed(
+    schema: JSON,
+    data: Mapping[str, str],
+    prefix: str,
+    errors: Mapping[str, str],
+    choices_for: ChoicesFor = lambda name: None,
+) -> list[SchemaField]:
+    """The form again as it was submitted, each field with its error. Values are what was
+    typed, not what parsed: a half-typed number must stay on screen to be corrected."""
+    typed = {name: data.get(prefix + name, "") for name in schema.get("properties", {})}
+    fields = fields_for(schema, {name: raw for name, raw in typed.items() if raw}, choices_for)
+    for made in fields:
+        made.value = typed[made.name]
+        made.error = errors.get(made.name, "")
+    return fields
+
+
 def _field(
     name: str, prop: JSON, required: bool, values: Mapping[str, Any], choices_for: ChoicesFor
 ) -> SchemaField:

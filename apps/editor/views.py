@@ -26,6 +26,7 @@ from apps.graphs.validation import SpecError, validate_spec
 from apps.runs.graph_layout import layout
 from apps.tenants.access import membership_of, require_role, tenant_member_required
 from apps.tenants.models import Role
+from sluice.problems import problem
 
 JSON = dict[str, Any]
 EMPTY_SPEC: JSON = {"nodes": [], "edges": []}
@@ -82,14 +83,15 @@ def editor_page(request: HttpRequest, slug: str) -> HttpResponse:
     latest = _latest(graph)
     version = _opened_version(request, graph, latest)
     spec = version.spec if version is not None else EMPTY_SPEC
+    groups = palette()
     context = {
         "graph": graph,
         "version": version,
         "latest": latest,
-        "palette": palette(),
+        "palette": groups,
         "editor_data": {
             "spec": spec,
-            "palette": {item.type: item.as_json() for g in palette() for item in g.items},
+            "palette": {item.type: item.as_json() for g in groups for item in g.items},
             "outputs": {node["id"]: node_outputs(node) for node in spec["nodes"]},
             "basedOn": latest.number if latest else None,
             "version": version.number if version else None,
@@ -198,14 +200,6 @@ def _body(request: HttpRequest) -> JSON:
     return body
 
 
-def _problem(status: int, title: str, **extra: Any) -> JsonResponse:
-    return JsonResponse(
-        {"title": title, "status": status, **extra},
-        status=status,
-        content_type="application/problem+json",
-    )
-
-
 def _error_json(error: SpecError) -> JSON:
     return {"where": error.where, "field": error.field, "message": error.message}
 
@@ -217,7 +211,7 @@ def validate_view(request: HttpRequest, slug: str) -> JsonResponse:
     try:
         spec = _body(request).get("spec")
     except node_config.BadRequest as exc:
-        return _problem(400, str(exc))
+        return problem(400, str(exc))
     errors = validate_spec(spec)
     return JsonResponse({"valid": not errors, "errors": [_error_json(e) for e in errors]})
 
@@ -230,9 +224,9 @@ def layout_view(request: HttpRequest, slug: str) -> JsonResponse:
     try:
         spec = _body(request).get("spec")
     except node_config.BadRequest as exc:
-        return _problem(400, str(exc))
+        return problem(400, str(exc))
     if not isinstance(spec, dict) or not isinstance(spec.get("nodes"), list):
-        return _problem(400, "spec must be an object with a list of nodes")
+        return problem(400, "spec must be an object with a list of nodes")
     nodes = [n for n in spec["nodes"] if isinstance(n, dict) and isinstance(n.get("id"), str)]
     edges = [e for e in spec.get("edges", []) if isinstance(e, list) and len(e) >= 2]
     placed = layout({"nodes": nodes, "edges": edges})
@@ -247,15 +241,15 @@ def save_view(request: HttpRequest, slug: str) -> JsonResponse:
     try:
         body = _body(request)
     except node_config.BadRequest as exc:
-        return _problem(400, str(exc))
+        return problem(400, str(exc))
     note = str(body.get("note", "")).strip()
     if len(note) > 500:
-        return _problem(400, "The note is too long (500 characters at most).")
+        return problem(400, "The note is too long (500 characters at most).")
     errors = validate_spec(body.get("spec"))
     if errors:
         count = len(errors)
         title = f"Not saved: the graph has {count} problem{'s' if count != 1 else ''}."
-        return _problem(400, title, errors=[_error_json(e) for e in errors])
+        return problem(400, title, errors=[_error_json(e) for e in errors])
     based_on = body.get("based_on")
     try:
         version = save_version(
@@ -266,8 +260,9 @@ def save_view(request: HttpRequest, slug: str) -> JsonResponse:
             based_on=based_on if isinstance(based_on, int) else None,
         )
     except StaleVersion as exc:
-        return _problem(409, str(exc))
-    deployed = graph_by_slug(slug).deployed_version_id == version.pk
+        return problem(409, str(exc))
+    # save_version deployed it on the graph row it locked, which the version holds.
+    deployed = version.graph.deployed_version_id == version.pk
     return JsonResponse(
         {
             "number": version.number,

@@ -7,8 +7,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from apps.audit.diff import compact
+from apps.graphs.validation import DEFAULT_PORT, as_edge
+
 JSON = dict[str, Any]
-DEFAULT_PORT = "out"
 # Node keys that are layout, not behaviour.
 LAYOUT_KEYS = {"position"}
 
@@ -140,7 +142,8 @@ def _field_changes(before: JSON, after: JSON) -> list[FieldChange]:
     changes = []
     for name in sorted(old.keys() | new.keys()):
         was, now = old.get(name, MISSING), new.get(name, MISSING)
-        if was is MISSING or now is MISSING or was != now:
+        # Compared as JSON: in Python 1 == True == 1.0, in a spec they differ.
+        if was is MISSING or now is MISSING or compact(was) != compact(now):
             changes.append(FieldChange(name, was, now))
     return changes
 
@@ -148,7 +151,7 @@ def _field_changes(before: JSON, after: JSON) -> list[FieldChange]:
 def _edge_set(spec: JSON) -> list[EdgeRef]:
     edges: list[EdgeRef] = []
     for item in spec.get("edges", []):
-        edge = EdgeRef(item[0], item[1], item[2] if len(item) > 2 else DEFAULT_PORT)
+        edge = EdgeRef(*as_edge(item))
         if edge not in edges:
             edges.append(edge)
     return edges

@@ -202,7 +202,7 @@ def downstream(spec: JSON, node_id: str, port: str) -> list[str]:
     """Targets of the edges leaving `node_id` on `port`, in the spec's order."""
     return [
         edge.target
-        for edge in map(_as_edge, spec.get("edges", []))
+        for edge in map(as_edge, spec.get("edges", []))
         if edge.source == node_id and edge.port == port
     ]
 
@@ -320,7 +320,8 @@ def _nodes_usable(nodes: object) -> bool:
 # -- the graph the later stages share -----------------------------------------------------
 
 
-def _as_edge(item: Sequence[str]) -> Edge:
+def as_edge(item: Sequence[str]) -> Edge:
+    """A well-formed spec edge, [from, to] or [from, to, port], as an Edge."""
     return Edge(item[0], item[1], item[2] if len(item) > 2 else DEFAULT_PORT)
 
 
@@ -336,7 +337,7 @@ def _build_graph(spec: JSON) -> _Graph:
     nodes: list[JSON] = spec["nodes"]
     raw_edges = spec.get("edges", [])
     items = list(enumerate(raw_edges)) if isinstance(raw_edges, list) else []
-    edges = [(i, _as_edge(item)) for i, item in items if _is_well_formed_edge(item)]
+    edges = [(i, as_edge(item)) for i, item in items if _is_well_formed_edge(item)]
     parents: dict[str, set[str]] = {}
     for _, edge in edges:
         parents.setdefault(edge.target, set()).add(edge.source)

@@ -19,7 +19,7 @@ from apps.graphs.access import graph_by_slug
 from apps.graphs.forms import NewVersionForm, RunInputForm, pretty_json
 from apps.graphs.models import GraphVersion, StreamGraph
 from apps.graphs.services import add_version
-from apps.graphs.validation import DEFAULT_PORT, Edge, SpecInvalid, node_queue, source_node
+from apps.graphs.validation import Edge, SpecInvalid, as_edge, node_queue, source_node
 from apps.runs.models import Run
 from apps.runs.services import InvalidInput, start_run
 from apps.runs.views import run_duration
@@ -59,7 +59,7 @@ def _node_row(node: JSON) -> NodeRow:
 
 
 def _edges(spec: JSON) -> list[Edge]:
-    return [Edge(e[0], e[1], e[2] if len(e) > 2 else DEFAULT_PORT) for e in spec.get("edges", [])]
+    return [as_edge(e) for e in spec.get("edges", [])]
 
 
 def _example_input(spec: JSON) -> Any:

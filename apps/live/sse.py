@@ -14,7 +14,7 @@ from uuid import UUID, uuid4
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
@@ -23,19 +23,12 @@ from apps.live.access import FollowedRun, parse_after, run_for
 from apps.live.store import aread_after, await_new
 from apps.runs.models import ACTIVE_RUN_STATUSES
 from apps.tenants.middleware import SESSION_TENANT_KEY
+from sluice.problems import problem
 
 BATCH = 256
 RETRY_MS = 2000
 # After the run's final frame, frames of steps still winding down may follow briefly.
 DRAIN_AFTER_END_S = 1.0
-
-
-def problem(status: int, title: str, detail: str) -> JsonResponse:
-    return JsonResponse(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
-        status=status,
-        content_type="application/problem+json",
-    )
 
 
 def _resolve(request: HttpRequest, run_id: UUID) -> tuple[str, FollowedRun | None]:

@@ -10,12 +10,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from apps.graphs.validation import as_edge
+
 NODE_WIDTH = 200
 NODE_HEIGHT = 86
 GAP_X = 72  # between columns: room for the edges and their port labels
 GAP_Y = 22
 MARGIN = 12
-DEFAULT_PORT = "out"
 WAYPOINT_HEIGHT = 8  # the slot an edge takes in a column it crosses
 
 Slot = tuple[str, int]  # (node id, -1) for a node; ("edge <index>", its column) for a waypoint
@@ -50,12 +51,8 @@ class GraphLayout:
 
 def _edges(spec: dict[str, Any], known: set[str]) -> list[tuple[str, str, str]]:
     """(source, target, port) for each edge between known nodes, in the spec's order."""
-    edges = []
-    for edge in spec.get("edges", []):
-        source, target = edge[0], edge[1]
-        if source in known and target in known:
-            edges.append((source, target, edge[2] if len(edge) > 2 else DEFAULT_PORT))
-    return edges
+    edges = [as_edge(item) for item in spec.get("edges", [])]
+    return [edge for edge in edges if edge.source in known and edge.target in known]
 
 
 def layers(spec: dict[str, Any]) -> dict[str, int]:

@@ -6,6 +6,7 @@ from django.http import HttpRequest
 from apps.audit.services import record
 from apps.tenants.admin_base import AllTenantsAdmin, ReadOnlyAdmin
 from apps.tenants.models import ApiKey, Invitation, Membership, Tenant
+from apps.tenants.quotas import QUOTA_FIELDS
 
 
 @admin.register(Tenant)
@@ -15,7 +16,7 @@ class TenantAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
-        watched = ("monthly_budget_usd", "model_overrides", "outbound_allowlist")
+        watched = (*QUOTA_FIELDS, "model_overrides", "outbound_allowlist")
         changed = [name for name in watched if name in form.changed_data]
         if change and changed:
             record(

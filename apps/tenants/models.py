@@ -34,12 +34,21 @@ class Tenant(models.Model):
 
     def clean(self) -> None:
         # Which fields a tenant may override is the registry's rule (no engine, no params).
+        # The quotas' bounds are the Settings page's, for the admin too.
+        from apps.tenants.quotas import QUOTA_FIELDS, check_quota_value
         from workers.inference.registry import RegistryError, check_overrides
 
+        errors = {
+            name: problem
+            for name in QUOTA_FIELDS
+            if (problem := check_quota_value(name, getattr(self, name))) is not None
+        }
         try:
             check_overrides(self.model_overrides)
         except RegistryError as exc:
-            raise ValidationError({"model_overrides": str(exc)}) from exc
+            errors["model_overrides"] = str(exc)
+        if errors:
+            raise ValidationError(errors)
 
 
 class TenantScopedManager(models.Manager[Any]):

@@ -92,3 +92,10 @@ def test_a_changed_type_and_nested_values_are_reported_as_fields() -> None:
         "retry.max_attempts": "removed",
         "type": "changed",
     }
+
+
+def test_values_are_compared_as_json_not_as_python() -> None:
+    old = {"nodes": [{"id": "n", "type": "t", "config": {"a": 1, "b": 1}}]}
+    new = {"nodes": [{"id": "n", "type": "t", "config": {"a": True, "b": 1}}]}
+    [node] = diff_specs(old, new).changed_nodes
+    assert [(c.field, c.before, c.after) for c in node.changes] == [("config.a", 1, True)]
