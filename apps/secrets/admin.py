@@ -12,5 +12,3 @@ class SecretAdmin(ReadOnlyAdmin):
     list_filter = ["tenant"]
     search_fields = ["name"]
     fields = ("tenant", "name", "created_by", "created_at", "updated_at")
-    readonly_fields = fields
-    exclude = ["ciphertext"]

@@ -3,7 +3,6 @@ and never holds its value), and `secret_value`, the one way workers read a value
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 
 from apps.audit.services import Actor, record
 from apps.secrets.crypto import SecretUnreadable, decrypt, encrypt
@@ -83,7 +82,6 @@ def replace_secret_value(secret: Secret, *, value: str, actor: Actor) -> Secret:
     with transaction.atomic():
         secret = Secret.objects.select_for_update().get(pk=secret.pk)
         secret.ciphertext = encrypt(value)
-        secret.updated_at = timezone.now()
         secret.save(update_fields=["ciphertext", "updated_at"])
         record(
             tenant=secret.tenant,

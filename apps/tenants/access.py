@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
 
 from apps.tenants.models import ApiKey, Invitation, Membership, Role
 
@@ -68,22 +69,12 @@ def tenant_member_required(view: View) -> View:
 
 
 def member_by_id(membership_id: int) -> Membership:
-    membership = Membership.objects.select_related("user", "tenant").filter(pk=membership_id)
-    return _found(membership.first())
+    return get_object_or_404(Membership.objects.select_related("user", "tenant"), pk=membership_id)
 
 
 def invitation_by_id(invitation_id: int) -> Invitation:
-    return _found(Invitation.objects.select_related("tenant").filter(pk=invitation_id).first())
+    return get_object_or_404(Invitation.objects.select_related("tenant"), pk=invitation_id)
 
 
 def api_key_by_id(key_id: int) -> ApiKey:
-    return _found(ApiKey.objects.select_related("tenant").filter(pk=key_id).first())
-
-
-T = TypeVar("T")
-
-
-def _found(row: T | None) -> T:
-    if row is None:
-        raise Http404("No such thing in this tenant.")
-    return row
+    return get_object_or_404(ApiKey.objects.select_related("tenant"), pk=key_id)

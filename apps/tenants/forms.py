@@ -8,6 +8,7 @@ from django import forms
 from django.contrib.auth import get_user_model
 
 from apps.graphs.forms import FocusFirstErrorForm
+from apps.tenants.api_keys import KEY_NAME_MAX
 from apps.tenants.keys import SCOPES
 from apps.tenants.models import Role
 from apps.tenants.quotas import MAX_ACTIVE_RUNS, MAX_USD
@@ -89,7 +90,7 @@ class InviteForm(FocusFirstErrorForm):
 class ApiKeyForm(FocusFirstErrorForm):
     name = forms.CharField(
         label="Name",
-        max_length=100,
+        max_length=KEY_NAME_MAX,
         help_text="Where the key is used, e.g. “nightly import”.",
     )
     scopes = forms.MultipleChoiceField(

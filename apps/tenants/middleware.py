@@ -36,8 +36,13 @@ def choose_tenant(request: HttpRequest, tenant_id: object) -> Membership:
     membership = membership_for_user(request.user, tenant_id)
     if membership is None or str(membership.tenant_id) != str(tenant_id):
         raise Http404("You are not a member of that tenant.")
-    request.session[SESSION_TENANT_KEY] = membership.tenant_id
+    set_current_tenant(request, membership.tenant_id)
     return membership
+
+
+def set_current_tenant(request: HttpRequest, tenant_id: int) -> None:
+    """The one place the session's tenant is written; callers have checked the membership."""
+    request.session[SESSION_TENANT_KEY] = tenant_id
 
 
 class TenantMiddleware:

@@ -4,8 +4,9 @@ invitations, API keys, and quotas.
 Every write checks the role here, on the server, whatever the page showed, and goes
 through apps.tenants.services; what a service refuses is shown on the field it concerns.
 Objects named in a URL come from the current tenant's scoped managers (404 otherwise).
-A new API key's secret and a new invite's link are rendered in the answer to the POST that
-made them, never stored or redirected to, so no later page can show them."""
+A new invite's link is rendered in the answer to the POST that made it. A new API key's
+secret goes through one redirect (so a reload cannot make a second key): it waits in the
+session, encrypted, for the one page that shows it and removes it."""
 
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -21,6 +22,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from apps.runs.models import ACTIVE_RUN_STATUSES, Run
+from apps.secrets.crypto import decrypt, encrypt
 from apps.tenants.access import (
     api_key_by_id,
     invitation_by_id,
@@ -42,7 +44,7 @@ from apps.tenants.forms import (
     TenantForm,
     attach,
 )
-from apps.tenants.middleware import SESSION_TENANT_KEY, choose_tenant
+from apps.tenants.middleware import choose_tenant, set_current_tenant
 from apps.tenants.models import ApiKey, Invitation, InviteState, Membership, Role
 from apps.tenants.quotas import QUOTA_FIELDS
 from apps.tenants.services import (
@@ -76,7 +78,7 @@ def _status(form: Any) -> int:
 
 def _enter(request: HttpRequest, membership: Membership) -> None:
     """Makes the membership's tenant the session's current one."""
-    request.session[SESSION_TENANT_KEY] = membership.tenant_id
+    set_current_tenant(request, membership.tenant_id)
 
 
 # -- sign-up and invitations ----------------------------------------------------------------
@@ -125,6 +127,7 @@ INVITE_PROBLEMS = {
     InviteState.REVOKED: "This invite was withdrawn",
     InviteState.ACCEPTED: "This invite has been used",
 }
+NOT_VALID = "This invite link is not valid"
 
 
 def _invite_problem(request: HttpRequest, invitation: Invitation | None) -> HttpResponse:
@@ -133,9 +136,7 @@ def _invite_problem(request: HttpRequest, invitation: Invitation | None) -> Http
     context = {
         "invitation": invitation,
         "state": state.value if state else "unknown",
-        "title": INVITE_PROBLEMS.get(state, "This invite link is not valid")
-        if state
-        else "This invite link is not valid",
+        "title": INVITE_PROBLEMS[state] if state is not None else NOT_VALID,
         "mine": invitation is not None
         and request.user.is_authenticated
         and invitation.accepted_by_id == request.user.pk,
@@ -354,8 +355,8 @@ def revoke_invite_view(request: HttpRequest, invitation_id: int) -> HttpResponse
 # -- API keys -------------------------------------------------------------------------------
 
 
-# A new key's secret waits here between the POST that made it and the page that shows it
-# (post/redirect/get: a reload then repeats the GET, not the creation). Shown once, removed.
+# A new key's secret waits here, encrypted like tenant secrets, between the POST that made it
+# and the page that shows it (post/redirect/get: a reload repeats the GET, not the creation).
 NEW_KEY_SESSION_KEY = "sluice_new_api_key"
 
 
@@ -368,7 +369,7 @@ def keys(request: HttpRequest) -> HttpResponse:
         # Only a key of the current tenant: the session may have switched tenants since.
         key = ApiKey.objects.filter(pk=waiting.get("id")).first()
         if key is not None:
-            new_key = (key, str(waiting.get("secret", "")))
+            new_key = (key, decrypt(str(waiting.get("secret", "")), name=key.name))
     return _keys_page(request, new_key=new_key)
 
 
@@ -408,7 +409,7 @@ def create_key_view(request: HttpRequest) -> HttpResponse:
             attach(form, exc)
         else:
             key, secret = new_key
-            request.session[NEW_KEY_SESSION_KEY] = {"id": key.pk, "secret": secret}
+            request.session[NEW_KEY_SESSION_KEY] = {"id": key.pk, "secret": encrypt(secret)}
             return redirect("tenants:keys")
     return _keys_page(request, form=form, status=400)
 

@@ -12,6 +12,7 @@ from apps.tenants.api_keys import create_api_key
 from apps.tenants.keys import SCOPES, key_for_bearer
 from apps.tenants.models import ApiKey
 from apps.tenants.services import Refused
+from apps.tenants.views import NEW_KEY_SESSION_KEY
 from tests.conftest import World
 from tests.tenants.test_self_service import audit, field_errors, state
 from tests.web.test_pages import sign_in, text
@@ -55,12 +56,15 @@ def test_owner_creates_a_key_whose_secret_is_shown_once_and_works(
     )
     # Post/redirect/get: reloading the page that shows the secret creates nothing.
     assert created.status_code == 302 and created["Location"] == reverse("tenants:keys")
+    waiting = client.session[NEW_KEY_SESSION_KEY]["secret"]  # encrypted while it waits
     response = client.get(created["Location"])
+    assert NEW_KEY_SESSION_KEY not in client.session
     assert response.status_code == 200
     body = text(response)
     shown = SECRET_INPUT.search(body)
     assert shown is not None
     secret = shown[1]
+    assert secret not in waiting and secret[12:] not in waiting
     assert "it will not be shown again" in body
     assert 'data-copy="#new-key-secret"' in body
     assert "no-store" in response["Cache-Control"]
