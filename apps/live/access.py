@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from apps.runs.models import Run
+from apps.runs.models import ACTIVE_RUN_STATUSES, Run
 from apps.tenants.context import tenant_context
 from apps.tenants.keys import RUNS_READ, key_for_bearer
 from apps.tenants.middleware import membership_for_user
@@ -15,36 +15,29 @@ from apps.tenants.models import Tenant
 
 
 @dataclass(frozen=True)
-class Follower:
-    tenant: Tenant
-    label: str  # for logs: a username or a key prefix, never a secret
-
-
-@dataclass(frozen=True)
 class FollowedRun:
     id: UUID
-    tenant_id: int
     status: str
     on_disconnect: str
 
+    @property
+    def cancels_when_left(self) -> bool:
+        """Whether its viewers count: closing the last one cancels the run."""
+        return self.on_disconnect == "cancel" and self.status in ACTIVE_RUN_STATUSES
 
-def follower(authorization: str | None, user: Any, session_tenant: object) -> Follower | None:
+
+def follower(authorization: str | None, user: Any, session_tenant: object) -> Tenant | None:
+    """The tenant whose runs these credentials may follow: a key's, or the member's."""
     if authorization is not None:
         key = key_for_bearer(authorization, scope=RUNS_READ)
-        return Follower(key.tenant, f"key {key.prefix}") if key else None
+        return key.tenant if key else None
     membership = membership_for_user(user, session_tenant)
-    if membership is None:
-        return None
-    return Follower(membership.tenant, user.get_username())
+    return membership.tenant if membership else None
 
 
-def followed_run(who: Follower, run_id: UUID) -> FollowedRun | None:
-    with tenant_context(who.tenant):
-        row = (
-            Run.objects.filter(id=run_id)
-            .values_list("id", "tenant_id", "status", "on_disconnect")
-            .first()
-        )
+def followed_run(tenant: Tenant, run_id: UUID) -> FollowedRun | None:
+    with tenant_context(tenant):
+        row = Run.objects.filter(id=run_id).values_list("id", "status", "on_disconnect").first()
     return FollowedRun(*row) if row else None
 
 

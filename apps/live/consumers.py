@@ -26,7 +26,6 @@ from apps.live import viewers
 from apps.live.access import FollowedRun, header, parse_after, run_for
 from apps.live.feed import group_name
 from apps.live.store import Frames, aread_after
-from apps.runs.models import ACTIVE_RUN_STATUSES
 from apps.tenants.middleware import SESSION_TENANT_KEY
 
 logger = logging.getLogger(__name__)
@@ -74,8 +73,7 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
         self.next_seq, self.acked, self.latest_seen = after + 1, after, 0
         self.live = False
         await self.channel_layer.group_add(group_name(run.id), self.channel_name)
-        watch = run.on_disconnect == "cancel" and run.status in ACTIVE_RUN_STATUSES
-        await viewers.joined(run.id, self.channel_name, cancel_on_leave=watch)
+        await viewers.joined(run.id, self.channel_name, cancel_on_leave=run.cancels_when_left)
         self.keepalive = asyncio.create_task(self._still_here())
         hello = {"type": "hello", "run": str(run.id), "status": run.status, "after": after}
         await self.send(text_data=json.dumps(hello))

@@ -68,8 +68,7 @@ def _is_final_run_frame(text: str) -> bool:
 
 async def _events(run: FollowedRun, after: int) -> AsyncIterator[str]:
     connection = f"sse.{uuid4().hex}"
-    watch = run.on_disconnect == "cancel" and run.status in ACTIVE_RUN_STATUSES
-    await viewers.joined(run.id, connection, cancel_on_leave=watch)
+    await viewers.joined(run.id, connection, cancel_on_leave=run.cancels_when_left)
     heartbeat_s = settings.SLUICE_SSE_HEARTBEAT_S
     cursor, ending_at = after, None
     last_sent = last_seen = time.monotonic()

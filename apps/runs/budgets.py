@@ -32,6 +32,11 @@ def month_start(now: datetime) -> datetime:
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
+def month_usage(tenant_id: int, now: datetime) -> Any:
+    """The tenant's usage rows its monthly budget counts: this calendar month's (UTC)."""
+    return Usage.unscoped_all_tenants.filter(tenant_id=tenant_id, at__gte=month_start(now))
+
+
 @dataclass
 class Meter:
     key: str
@@ -120,14 +125,15 @@ def budget_for(run: Any, tenant: Any) -> SpendMeter:
             )
         )
     if tenant.monthly_budget_usd is not None:
-        start = month_start(timezone.now())
+        now = timezone.now()
+        start = month_start(now)
         meters.append(
             Meter(
                 key=f"sluice:spend:tenant:{tenant.id}:{start:%Y%m}",
                 limit=tenant.monthly_budget_usd,
                 label="tenant monthly",
                 scope={"tenant": tenant.id},
-                seed_rows=Usage.unscoped_all_tenants.filter(tenant_id=tenant.id, at__gte=start),
+                seed_rows=month_usage(tenant.id, now),
                 ttl_s=TENANT_METER_TTL_S,
             )
         )

@@ -22,6 +22,7 @@ from apps.runs.budgets import budget_for
 from apps.runs.dispatch import StepMessage, send_on_commit
 from apps.runs.leases import KEEPER
 from apps.runs.models import (
+    ACTIVE_RUN_STATUSES,
     CLAIMABLE_STEP_STATUSES,
     Event,
     FanIn,
@@ -194,7 +195,7 @@ class Heartbeat:
         status, deadline = (
             Run.objects.filter(id=claim.run.id).values_list("status", "deadline").get()
         )
-        if status not in (RunStatus.QUEUED, RunStatus.RUNNING):
+        if status not in ACTIVE_RUN_STATUSES:
             raise StepCancelled(f"run {status}")
         if deadline is not None and deadline <= timezone.now():
             raise DeadlinePassed("deadline passed")

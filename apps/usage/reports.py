@@ -11,7 +11,7 @@ from django.db.models import Count, F, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from apps.runs.budgets import month_start
+from apps.runs.budgets import month_start, month_usage
 from apps.runs.models import Usage
 from apps.tenants.context import current_tenant
 
@@ -62,8 +62,7 @@ class Amounts:
 @dataclass(frozen=True)
 class Period:
     days: int
-    first: date  # the oldest day shown
-    last: date  # today (UTC)
+    first: date  # the oldest day shown; the last is today (UTC)
 
     @property
     def start(self) -> datetime:
@@ -75,7 +74,7 @@ class Period:
 
 def period_ending(now: datetime, days: int) -> Period:
     today = now.astimezone(UTC).date()
-    return Period(days, today - timedelta(days=days - 1), today)
+    return Period(days, today - timedelta(days=days - 1))
 
 
 @dataclass(frozen=True)
@@ -159,6 +158,7 @@ class BudgetStatus:
 def budget_status(*, now: datetime | None = None) -> BudgetStatus:
     """The current tenant's monthly budget and what it spent this month, as the workers'
     budget check counts it (apps.runs.budgets)."""
-    start = month_start((now or timezone.now()).astimezone(UTC))
-    spent = Usage.objects.filter(at__gte=start).aggregate(total=Sum("cost_usd"))["total"]
-    return BudgetStatus(current_tenant().monthly_budget_usd, spent or Decimal(0), start.date())
+    now = (now or timezone.now()).astimezone(UTC)
+    tenant = current_tenant()
+    spent = month_usage(tenant.pk, now).aggregate(total=Sum("cost_usd"))["total"]
+    return BudgetStatus(tenant.monthly_budget_usd, spent or Decimal(0), month_start(now).date())
