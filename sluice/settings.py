@@ -59,6 +59,10 @@ INSTALLED_APPS = [
     "apps.secrets",
     "apps.usage",
     "apps.editor",
+    "apps.api",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
 ]
 
 MIDDLEWARE = [
@@ -140,6 +144,12 @@ SLUICE_RETRY_BUDGET_MIN = env_int("SLUICE_RETRY_BUDGET_MIN", 10)
 # Outbound HTTP from graphs (tool.http, sink.webhook): the longest timeout a node may ask.
 SLUICE_HTTP_MAX_TIMEOUT_S = env_float("SLUICE_HTTP_MAX_TIMEOUT_S", 60.0, minimum=1.0)
 SLUICE_DEFAULT_MAX_FANOUT = env_int("SLUICE_DEFAULT_MAX_FANOUT", 1000, minimum=1)
+# A batch job's completion webhook (apps/api/webhooks.py): attempts before it is marked failed,
+# each POST's timeout, and the delay before the first retry (doubling per attempt, with
+# jitter, up to 10 minutes).
+SLUICE_WEBHOOK_MAX_ATTEMPTS = env_int("SLUICE_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1)
+SLUICE_WEBHOOK_TIMEOUT_S = env_float("SLUICE_WEBHOOK_TIMEOUT_S", 10.0, minimum=1.0)
+SLUICE_WEBHOOK_BACKOFF_S = env_float("SLUICE_WEBHOOK_BACKOFF_S", 2.0, minimum=0.1)
 
 # The simulated engine's defaults; a graph's llm.generate config may not change them.
 SLUICE_SIM_TTFT_MS = env_float("SLUICE_SIM_TTFT_MS", 150.0)
@@ -201,3 +211,42 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("SLUICE_LOG_LEVEL", "INFO")},
 }
+
+# The REST API (apps/api): API keys or the browser session, problem+json errors, cursor
+# pagination; the OpenAPI schema is generated from the views (drf-spectacular).
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "apps.api.auth.ApiKeyAuthentication",
+        "apps.api.auth.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "apps.api.schema.SluiceSchema",
+    "EXCEPTION_HANDLER": "apps.api.problems.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Sluice API",
+    "DESCRIPTION": (
+        "Graphs, runs, batch jobs and stream events. Authenticate with an API key "
+        "(`Authorization: Bearer sk_…`, created under Settings → API keys) or the browser "
+        "session. Errors are `application/problem+json` and name the field at fault."
+    ),
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "apps.runs.models.RunStatus",
+        "RunKindEnum": "apps.runs.models.RunKind",
+        "StepStatusEnum": "apps.runs.models.StepStatus",
+    },
+}
+# Admission control: platform defaults for a tenant that sets none (apps/api/admission.py).
+SLUICE_MAX_QUEUED_STEPS = env_int("SLUICE_MAX_QUEUED_STEPS", 1_000_000, minimum=1)
+SLUICE_MAX_EVENTS_PER_S = env_int("SLUICE_MAX_EVENTS_PER_S", 5_000, minimum=1)
+SLUICE_API_REQUESTS_PER_MIN = env_int("SLUICE_API_REQUESTS_PER_MIN", 1_200, minimum=1)
+# The most inputs one batch job or one bulk events request may carry.
+SLUICE_MAX_BATCH_ITEMS = env_int("SLUICE_MAX_BATCH_ITEMS", 50_000, minimum=1)

@@ -14,5 +14,6 @@ urlpatterns = [
     path("", include("apps.tenants.urls")),
     path("", include("apps.editor.urls")),
     path("api/runs/<uuid:run_id>/events", run_events, name="run-events"),
+    path("api/", include("apps.api.urls")),
     path("", include("apps.graphs.urls")),
 ]

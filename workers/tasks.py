@@ -5,6 +5,7 @@ from uuid import UUID
 
 from celery import Task, shared_task
 
+from apps.api import webhooks
 from apps.live import viewers
 from apps.runs import execution, sweeper
 from apps.tenants.context import tenant_context
@@ -35,10 +36,22 @@ def execute_step(self: Task, tenant_id: int, step_id: str) -> None:
             claim = execution.run_claimed(claim, inline_queue=next_queue)
 
 
+@shared_task(name="sluice.deliver_job_webhook", acks_late=True, ignore_result=True)
+def deliver_job_webhook(tenant_id: int, job_id: str) -> None:
+    """One attempt at a batch job's completion webhook; sent on the cpu queue by the sweep."""
+    tenant = Tenant.objects.filter(id=tenant_id).first()
+    if tenant is None:
+        logger.warning("job %s: tenant %s no longer exists; webhook dropped", job_id, tenant_id)
+        return
+    with tenant_context(tenant):
+        webhooks.deliver(UUID(job_id))
+
+
 @shared_task(name="sluice.sweep", ignore_result=True)
 def sweep() -> None:
     found = sweeper.sweep()
     # Runs with on_disconnect: cancel whose last viewer left more than the grace period ago.
     found["abandoned_runs"] = viewers.cancel_abandoned_runs()
+    found["job_webhooks"] = webhooks.enqueue_due()
     if any(found.values()):
         logger.info("sweeper: %s", found)

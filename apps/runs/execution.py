@@ -35,7 +35,7 @@ from apps.runs.retries import give_up_reason, retry_delay_s
 from apps.runs.services import BUDGET_SKIP, STOP_SIGNALS, exceed_budget, expire_run
 from apps.runs.stepflow import DEADLINE, Routing, open_fanin, scope_entry, settle
 from apps.runs.transitions import transition_run, transition_step
-from apps.runs.writes import record_usage, write_outputs
+from apps.runs.writes import record_usage, shared_key, write_outputs
 from apps.tenants.context import current_tenant
 from workers.control import LISTENER
 from workers.inference.base import GenerationRequest
@@ -205,7 +205,8 @@ def run_operator(claim: Claimed) -> StepResult:
     step, node = claim.step, claim.node
     events = claim.events
     if events is None:
-        events = list(Event.objects.filter(id__in=step.inputs))
+        # Kept on the claim: the commit reads the inputs' key from them.
+        events = claim.events = list(Event.objects.filter(id__in=step.inputs))
     by_id = {event.id: event for event in events}
     collected = claim.node.get("config", {}).get("by") if claim.node["type"] == "collect" else None
     inputs = [
@@ -318,7 +319,9 @@ def commit_step(
             skip_reason = f"run {run.status} while running"
             _end(step, run, claim, StepStatus.SKIPPED, skip_reason=skip_reason)
             return None
-        events = write_outputs(step, run, result, opens_scope=operator.opens_scope)
+        events = write_outputs(
+            step, run, result, opens_scope=operator.opens_scope, key=shared_key(claim.events)
+        )
         routing = Routing()
         if operator.opens_scope:
             open_fanin(step, run, routing)

@@ -145,6 +145,12 @@ class Step(TenantModel):
                 name="step_waiting_enqueued",
                 condition=models.Q(status__in=["queued", "failed"]),
             ),
+            # Admission control counts a tenant's waiting steps on every submission.
+            models.Index(
+                fields=["tenant"],
+                name="step_waiting_tenant",
+                condition=models.Q(status__in=["queued", "failed"]),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -210,6 +210,12 @@ def failures_in(fanin: FanIn) -> list[dict[str, Any]]:
     return sorted(failures, key=lambda f: (f["index"] is None, f["index"]))
 
 
+def move_open_steps(run: Run, delta: int) -> None:
+    """Steps added to or taken from a run outside a step's own commit (a batch's items, a
+    stream's events and hold); the run finishes if that leaves none open."""
+    _move_open_steps(run, delta, 0)
+
+
 def _move_open_steps(run: Run, delta: int, failures: int) -> None:
     if delta == 0 and failures == 0:
         return  # one step ended and one began: the count cannot have reached zero

@@ -11,7 +11,17 @@ from apps.runs.models import Effect, EffectStatus, Event, ResultRow, Run, Step, 
 from workers.operators.base import StepResult, UsageRecord
 
 
-def write_outputs(step: Step, run: Run, result: StepResult, *, opens_scope: bool) -> list[Event]:
+def shared_key(inputs: list[Event] | None) -> str:
+    """The key a step's outputs carry: its inputs' key when they all share one (a stream's
+    partition key, a batch item's index), so results can be traced to what fed them
+    without walking the lineage."""
+    keys = {event.key for event in inputs or ()}
+    return keys.pop() if len(keys) == 1 else ""
+
+
+def write_outputs(
+    step: Step, run: Run, result: StepResult, *, opens_scope: bool, key: str = ""
+) -> list[Event]:
     now = timezone.now()
     events = [
         Event(
@@ -21,6 +31,7 @@ def write_outputs(step: Step, run: Run, result: StepResult, *, opens_scope: bool
             seq=seq,
             node_id=step.node_id,
             port=output.port,
+            key=key,
             payload=output.payload,
             event_time=now,
             # A fan-out's outputs are the items of a new scope opened by this step.

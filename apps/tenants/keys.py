@@ -26,6 +26,12 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 def key_for_bearer(authorization: str, *, scope: str) -> ApiKey | None:
+    key = key_for_authorization(authorization)
+    return key if key is not None and scope in key.scopes else None
+
+
+def key_for_authorization(authorization: str) -> ApiKey | None:
+    """The live key a `Bearer` header presents, whatever its scopes; None if there is none."""
     kind, _, secret = authorization.strip().partition(" ")
     secret = secret.strip()
     if kind.lower() != "bearer" or not secret.startswith("sk_"):
@@ -38,8 +44,6 @@ def key_for_bearer(authorization: str, *, scope: str) -> ApiKey | None:
         .first()
     )
     if key is None or not hmac.compare_digest(key.hashed_secret, hash_api_secret(secret)):
-        return None
-    if scope not in key.scopes:
         return None
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:

@@ -25,6 +25,13 @@ class Tenant(models.Model):
     max_active_runs = models.PositiveIntegerField(null=True, blank=True)
     # The largest `policies.budget_usd` a run may get.
     max_run_budget_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    # Admission control (apps.api.admission); empty means the platform default from
+    # settings. Steps waiting for a worker, across all the tenant's runs.
+    max_queued_steps = models.PositiveIntegerField(null=True, blank=True)
+    # Events accepted per second through the API (stream events and batch inputs).
+    max_events_per_s = models.PositiveIntegerField(null=True, blank=True)
+    # Requests per minute allowed to each of the tenant's API keys.
+    api_requests_per_min = models.PositiveIntegerField(null=True, blank=True)
     # Per model: negotiated prices, quality tier, fallbacks (workers.inference.registry).
     model_overrides = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
