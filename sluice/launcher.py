@@ -159,7 +159,10 @@ def _start_children(launch: _Launch, env: dict[str, str], port: int, log_dir: Pa
         "web": processes.asgi_argv(port),
         # CPU-bound operators: processes, one per core we give them.
         "worker-cpu": processes.worker_argv(
-            CPU_WORKER_QUEUES, "cpu", pool="prefork", concurrency=2
+            CPU_WORKER_QUEUES,
+            "cpu",
+            pool="prefork",
+            concurrency=env_int("SLUICE_CPU_CONCURRENCY", 2, minimum=1),
         ),
         # Inference steps mostly wait on the engine: threads, many of them, all sharing one
         # engine per model so its batch stays full. Consumes every gpu.<model> queue.

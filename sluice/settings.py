@@ -248,5 +248,8 @@ SPECTACULAR_SETTINGS = {
 SLUICE_MAX_QUEUED_STEPS = env_int("SLUICE_MAX_QUEUED_STEPS", 1_000_000, minimum=1)
 SLUICE_MAX_EVENTS_PER_S = env_int("SLUICE_MAX_EVENTS_PER_S", 5_000, minimum=1)
 SLUICE_API_REQUESTS_PER_MIN = env_int("SLUICE_API_REQUESTS_PER_MIN", 1_200, minimum=1)
+# The largest request body the API reads (a batch job's inputs come in one request).
+SLUICE_API_MAX_BODY_BYTES = env_int("SLUICE_API_MAX_BODY_MB", 64, minimum=1) * 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = SLUICE_API_MAX_BODY_BYTES
 # The most inputs one batch job or one bulk events request may carry.
 SLUICE_MAX_BATCH_ITEMS = env_int("SLUICE_MAX_BATCH_ITEMS", 50_000, minimum=1)

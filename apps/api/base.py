@@ -5,6 +5,7 @@ for the whole request, set here (one of the four places that may) and reset in `
 from contextlib import ExitStack
 from typing import Any, ClassVar
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 from rest_framework import exceptions
 from rest_framework.request import Request
@@ -12,6 +13,7 @@ from rest_framework.views import APIView
 
 from apps.api.admission import throttle_key
 from apps.api.auth import Caller
+from apps.api.problems import TooLarge, too_large
 from apps.tenants.context import tenant_context
 
 
@@ -25,6 +27,8 @@ class TenantAPIView(APIView):
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
+        if _content_length(request) > settings.SLUICE_API_MAX_BODY_BYTES:
+            raise TooLarge(too_large())
         caller = self.caller
         self.tenant_scope.enter_context(tenant_context(caller.tenant))
 
@@ -54,3 +58,8 @@ class TenantAPIView(APIView):
         caller = self.request.auth
         assert isinstance(caller, Caller)  # check_permissions made sure
         return caller
+
+
+def _content_length(request: Request) -> int:
+    raw = request.META.get("CONTENT_LENGTH") or "0"
+    return int(raw) if raw.isdigit() else 0

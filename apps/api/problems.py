@@ -4,7 +4,9 @@ what to do, and for invalid input an `errors` list naming each field at fault.""
 import math
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpResponse
 from rest_framework import exceptions
 
@@ -19,6 +21,11 @@ class Conflict(exceptions.APIException):
     status_code = 409
     default_detail = "The request conflicts with the current state."
     default_code = "conflict"
+
+
+class TooLarge(exceptions.APIException):
+    status_code = 413
+    default_code = "too_large"
 
 
 class Overloaded(exceptions.APIException):
@@ -73,6 +80,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse |
         exc = Conflict(str(exc))
     elif isinstance(exc, Http404):
         exc = exceptions.NotFound("Not found, or not yours.")
+    elif isinstance(exc, RequestDataTooBig):
+        exc = TooLarge(too_large())
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
     if not isinstance(exc, exceptions.APIException):
@@ -87,6 +96,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse |
     elif isinstance(exc, exceptions.Throttled) and (wait := getattr(exc, "wait", None)):
         response["Retry-After"] = str(max(1, math.ceil(wait)))
     return response
+
+
+def too_large() -> str:
+    limit = settings.SLUICE_API_MAX_BODY_BYTES // (1024 * 1024)
+    return f"The request body is over {limit} MB; split the inputs over several requests."
 
 
 def _code(exc: exceptions.APIException) -> str:

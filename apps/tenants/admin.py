@@ -8,6 +8,10 @@ from apps.tenants.admin_base import AllTenantsAdmin, ReadOnlyAdmin
 from apps.tenants.models import ApiKey, Invitation, Membership, Tenant
 from apps.tenants.quotas import QUOTA_FIELDS
 
+# Admission limits are the platform's to set (staff, here), not the tenant's own Settings:
+# a tenant raising its own limit would defeat them.
+ADMISSION_FIELDS = ("max_queued_steps", "max_events_per_s", "api_requests_per_min")
+
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
@@ -16,7 +20,7 @@ class TenantAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
-        watched = (*QUOTA_FIELDS, "model_overrides", "outbound_allowlist")
+        watched = (*QUOTA_FIELDS, *ADMISSION_FIELDS, "model_overrides", "outbound_allowlist")
         changed = [name for name in watched if name in form.changed_data]
         if change and changed:
             record(
