@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 
 from apps.api.admission import throttle_key
 from apps.api.auth import Caller
+from apps.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from apps.api.problems import TooLarge, too_large
 from apps.tenants.context import tenant_context
 
@@ -26,9 +27,13 @@ class TenantAPIView(APIView):
             return super().dispatch(request, *args, **kwargs)
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        super().initial(request, *args, **kwargs)
         if _content_length(request) > settings.SLUICE_API_MAX_BODY_BYTES:
             raise TooLarge(too_large())
+        if request.method == "POST" and IDEMPOTENCY_HEADER in request.headers:
+            # Keep the raw body for the request's digest: the session's CSRF check may
+            # parse a multipart form first, after which Django cannot give it back.
+            request._request.body  # noqa: B018
+        super().initial(request, *args, **kwargs)
         caller = self.caller
         self.tenant_scope.enter_context(tenant_context(caller.tenant))
 
@@ -38,7 +43,8 @@ class TenantAPIView(APIView):
             raise exceptions.NotAuthenticated(
                 "Send `Authorization: Bearer sk_…` with an API key, or sign in."
             )
-        scope = self.scopes.get(request.method or "")
+        method = request.method or ""
+        scope = self.scopes.get("GET" if method in ("HEAD", "OPTIONS") else method)
         if scope is None:
             raise exceptions.MethodNotAllowed(request.method or "")
         if (refusal := caller.refusal(scope)) is not None:

@@ -7,12 +7,14 @@ the first commits (then replays its reply) or rolls back (then does the work its
 successful replies are kept: an error leaves no trace, and the client may fix and retry."""
 
 import hashlib
+import json
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
 from django.db import connection, transaction
 from rest_framework import exceptions
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -59,9 +61,10 @@ def idempotent(handler: Handler) -> Handler:
 
 
 def _digest(request: Request) -> str:
-    # The raw body, read (and cached by Django) before DRF parses it.
+    # The raw body, cached by Django before anything parsed it (TenantAPIView.initial).
     body = request._request.body
-    seen = f"{request.method} {request.path}\n".encode() + body
+    # The query string too: a JSON-lines job carries its parameters there.
+    seen = f"{request.method} {request.get_full_path()}\n".encode() + body
     return hashlib.sha256(seen).hexdigest()
 
 
@@ -98,6 +101,7 @@ def _replay(earlier: IdempotentReply, key: str, digest: str) -> Response:
 def _keep(key: str, response: Response) -> None:
     IdempotentReply.objects.filter(key=key).update(
         status=response.status_code,
-        body=response.data,
+        # What the client received, so a replay is the same bytes (datetimes, UUIDs).
+        body=json.loads(JSONRenderer().render(response.data)),
         location=response.get("Location", ""),
     )

@@ -8,6 +8,7 @@ from typing import Any
 from django.db.models import Model, QuerySet
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers
+from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -37,6 +38,14 @@ class _Cursor(CursorPagination):
                 {"limit": [f"must be a whole number from 1 to {MAX_LIMIT}"]}
             )
         return int(raw)
+
+    def decode_cursor(self, request: Request) -> Any:
+        try:
+            return super().decode_cursor(request)
+        except NotFound:
+            raise serializers.ValidationError(
+                {"cursor": ["is not a cursor this list gave out; start again without it"]}
+            ) from None
 
 
 def page_of(

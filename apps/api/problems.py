@@ -88,6 +88,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse |
         return None  # a bug: Django's 500 handler logs it
     if isinstance(exc, exceptions.ValidationError):
         return invalid(field_errors(exc.detail))
+    if isinstance(exc, exceptions.ParseError):
+        return invalid([{"field": "", "message": str(exc.detail)}], "Unreadable body")
     response = problem(exc.status_code, _title(exc), str(exc.detail), code=_code(exc))
     if auth_header := getattr(exc, "auth_header", None):
         response["WWW-Authenticate"] = auth_header
