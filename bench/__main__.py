@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from bench import batching, chain, chaos, overhead, stream, zombie
+from bench import batching, chain, chaos, ingest, overhead, stream, zombie
 
 BENCHMARKS = {
     "chain": chain.main,
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "zombie": zombie.main,
     "batching": batching.main,
     "stream": stream.main,
+    "ingest": ingest.main,
 }
 # Sizes only the stream benchmark takes; the others have --quick and their full size.
 STREAM_OPTIONS = ("clients", "rate", "seconds")

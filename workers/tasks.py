@@ -7,7 +7,7 @@ from celery import Task, shared_task
 
 from apps.api import webhooks
 from apps.live import viewers
-from apps.runs import execution, sweeper
+from apps.runs import dispatch, execution, sweeper
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
 
@@ -45,6 +45,12 @@ def deliver_job_webhook(tenant_id: int, job_id: str) -> None:
         return
     with tenant_context(tenant):
         webhooks.deliver(UUID(job_id))
+
+
+@shared_task(name="sluice.send_step_messages", acks_late=True, ignore_result=True)
+def send_step_messages(tenant_id: int, steps: list[list[str]]) -> None:
+    """Sends the step messages a bulk intake handed off ([[step id, queue], ...])."""
+    dispatch.send_all(tenant_id, steps)
 
 
 @shared_task(name="sluice.sweep", ignore_result=True)

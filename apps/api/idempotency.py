@@ -57,6 +57,7 @@ def idempotent(handler: Handler) -> Handler:
         except _NotKept as not_kept:
             return not_kept.response
 
+    wrapper.idempotent = True  # type: ignore[attr-defined]  # read by apps.api.schema
     return wrapper
 
 

@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers
 
 PROBLEM = "application/problem+json"
@@ -17,6 +18,17 @@ COMMON_ERRORS = {
     "429": "Over a rate or admission limit; retry after `Retry-After` seconds.",
 }
 WRITE_ERRORS = {"409": "Conflicts with the current state (the detail says which)."}
+
+
+IDEMPOTENCY_PARAMETER = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    description=(
+        "Up to 255 characters. The same key and body get the first reply again"
+        " (`Idempotent-Replayed: true`); the same key with another body is a 409."
+    ),
+)
 
 
 class FieldErrorSerializer(serializers.Serializer[Any]):
@@ -38,6 +50,12 @@ class SluiceSchema(AutoSchema):
     def get_tags(self) -> list[str]:
         parts = self._tokenize_path()  # ["api", "graphs", …] without parameters
         return parts[1:2] or parts[:1]
+
+    def get_override_parameters(self) -> list[Any]:
+        parameters = list(super().get_override_parameters())
+        if self.method == "POST" and getattr(getattr(self.view, "post", None), "idempotent", False):
+            parameters.append(IDEMPOTENCY_PARAMETER)
+        return parameters
 
     def _get_response_bodies(
         self, direction: Literal["request", "response"] = "response"

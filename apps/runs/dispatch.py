@@ -36,3 +36,39 @@ def send_now(message: StepMessage) -> None:
 def send_on_commit(messages: list[StepMessage]) -> None:
     for message in messages:
         transaction.on_commit(lambda m=message: send_now(m))  # type: ignore[misc]
+
+
+# Above this many messages, a request that created them hands the sending to a worker:
+# one message on the control queue instead of hundreds of publishes on the web process,
+# which is what limits bulk intake (bench/ingest). A lost hand-off is covered like any lost
+# message: the sweeper re-sends queued steps gone quiet (SLUICE_REQUEUE_AFTER_S).
+HAND_OFF_OVER = 32
+
+
+def hand_off_on_commit(tenant_id: int, messages: list[StepMessage]) -> None:
+    if len(messages) <= HAND_OFF_OVER:
+        send_on_commit(messages)
+        return
+    listed = [[str(m.step_id), m.queue] for m in messages]
+    transaction.on_commit(lambda: _send_hand_off(tenant_id, listed))
+
+
+def _send_hand_off(tenant_id: int, listed: list[list[str]]) -> None:
+    from workers.queues import CONTROL_QUEUE
+    from workers.tasks import send_step_messages  # the task module imports this one
+
+    send_step_messages.apply_async(args=(tenant_id, listed), queue=CONTROL_QUEUE)
+
+
+def send_all(tenant_id: int, listed: list[list[str]]) -> None:
+    """What the hand-off task does: one message per step, over one broker connection."""
+    from workers.tasks import execute_step
+
+    with execute_step.app.producer_or_acquire() as producer:
+        for step_id, queue in listed:
+            execute_step.apply_async(
+                args=(tenant_id, step_id),
+                queue=queue,
+                priority=NORMAL_PRIORITY,
+                producer=producer,
+            )

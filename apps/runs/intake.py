@@ -18,8 +18,9 @@ from apps.audit.services import Actor, record
 from apps.graphs.models import GraphVersion
 from apps.graphs.validation import source_node
 from apps.live.publisher import FEED
-from apps.runs.dispatch import StepMessage, send_on_commit
-from apps.runs.models import ACTIVE_RUN_STATUSES, Event, Run, RunKind, Step
+from apps.runs.bulk import copy_new_rows
+from apps.runs.dispatch import StepMessage, hand_off_on_commit
+from apps.runs.models import ACTIVE_RUN_STATUSES, Event, Run, RunKind
 from apps.runs.services import InvalidInput, check_input
 from apps.runs.stepflow import move_open_steps, new_step
 from apps.tenants.quotas import check_run_quotas
@@ -96,24 +97,26 @@ def ingest(*, version: GraphVersion, items: list[Item], actor: Actor) -> tuple[R
 
 def _add_items(run: Run, version: GraphVersion, items: list[Item], now: datetime) -> list[Event]:
     source = source_node(version.spec)
-    events = Event.objects.bulk_create(
-        [
-            Event(
-                tenant_id=run.tenant_id,
-                run=run,
-                node_id="input",
-                port="out",
-                key=item.key,
-                payload=item.payload,
-                event_time=item.event_time or now,
-                seq=index,
-            )
-            for index, item in enumerate(items)
-        ]
-    )
-    steps = Step.objects.bulk_create([new_step(run, source, [event.id], []) for event in events])
+    events = [
+        Event(
+            tenant_id=run.tenant_id,
+            run=run,
+            node_id="input",
+            port="out",
+            key=item.key,
+            payload=item.payload,
+            event_time=item.event_time or now,
+            seq=index,
+        )
+        for index, item in enumerate(items)
+    ]
+    steps = [new_step(run, source, [event.id], []) for event in events]
+    copy_new_rows(events)
+    copy_new_rows(steps)
     move_open_steps(run, len(steps))
-    send_on_commit([StepMessage(run.tenant_id, step.id, step.queue) for step in steps])
+    hand_off_on_commit(
+        run.tenant_id, [StepMessage(run.tenant_id, step.id, step.queue) for step in steps]
+    )
     return events
 
 

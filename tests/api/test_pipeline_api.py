@@ -196,3 +196,16 @@ def test_replaying_dead_steps_through_the_api(world: World, platform: object) ->
     assert finished(world, started["id"]).status == RunStatus.FAILED
     nothing = api.post(f"/api/runs/{started['id']}/replay/", {"steps": []})
     assert nothing.status_code == 409
+
+
+def test_a_large_batch_hands_its_messages_to_a_worker_and_every_item_runs(
+    world: World, platform: object
+) -> None:
+    """Over HAND_OFF_OVER steps, the request sends one control message and a worker sends
+    the step messages; every item still runs, exactly once."""
+    world.graph("g", SPEC)
+    api = key_client(world)
+    job = api.post("/api/jobs/", {"graph": "g", "inputs": [{"x": i} for i in range(60)]}).json()
+    assert finished(world, job["run"]["id"]).status == RunStatus.SUCCEEDED
+    lines = api.get(f"/api/jobs/{job['id']}/results/", limit=200).content.decode().splitlines()
+    assert sorted(json.loads(line)["item"] for line in lines) == list(range(60))
