@@ -10,7 +10,7 @@ What a receiver gets:
     Sluice-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + raw body)>
 
     {"type": "batch_job.finished", "job": ..., "run": ..., "status": ..., "items": ...,
-     "finished_at": ..., "error": ..., "results": "/api/jobs/<id>/results"}
+     "finished_at": ..., "error": ..., "results": "/api/jobs/<id>/results/"}
 
 To check it, recompute the HMAC over the raw body bytes (not re-serialized JSON), compare in
 constant time, and refuse a timestamp more than a few minutes from your clock, so a captured
@@ -114,7 +114,7 @@ def payload_for(job: BatchJob) -> dict[str, Any]:
         "items": job.items,
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
         "error": run.error,
-        "results": f"/api/jobs/{job.id}/results",
+        "results": f"/api/jobs/{job.id}/results/",
     }
 
 

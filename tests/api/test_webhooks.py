@@ -194,7 +194,7 @@ def test_delivered_once_signed_with_the_job_id(world: World, receiver: Receiver)
         "items": 3,
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
         "error": "cancelled by owner",
-        "results": f"/api/jobs/{job.id}/results",
+        "results": f"/api/jobs/{job.id}/results/",
     }
     job = reload(job)
     assert job.webhook_status == WebhookStatus.DELIVERED and job.webhook_attempts == 1
