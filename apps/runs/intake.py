@@ -14,14 +14,14 @@ from typing import Any, NamedTuple
 from django.db import transaction
 from django.utils import timezone
 
-from apps.audit.services import Actor, record
+from apps.audit.services import Actor
 from apps.graphs.models import GraphVersion
 from apps.graphs.validation import source_node
 from apps.live.publisher import FEED
 from apps.runs.bulk import copy_new_rows
 from apps.runs.dispatch import StepMessage, hand_off_on_commit
 from apps.runs.models import ACTIVE_RUN_STATUSES, Event, Run, RunKind
-from apps.runs.services import InvalidInput, check_input
+from apps.runs.services import InvalidInput, check_input, record_start
 from apps.runs.stepflow import move_open_steps, new_step
 from apps.tenants.quotas import check_run_quotas
 
@@ -68,19 +68,7 @@ def start_batch(
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
         )
         _add_items(run, version, items, now)
-        record(
-            tenant=run.tenant,
-            actor=actor,
-            action="run.start",
-            target_type="run",
-            target_id=run.id,
-            after={
-                "graph": version.graph.slug,
-                "version": version.number,
-                "kind": RunKind.BATCH.value,
-                "items": len(items),
-            },
-        )
+        record_start(run, version, actor, items=len(items))
         transaction.on_commit(lambda: FEED.run_started(run.id))
     return run
 
@@ -142,14 +130,7 @@ def _open_stream_run(version: GraphVersion, actor: Actor) -> Run:
         open_steps=1,  # the hold: the run stays open while its version takes events
         created_by=actor if getattr(actor, "is_authenticated", False) else None,
     )
-    record(
-        tenant=run.tenant,
-        actor=actor,
-        action="run.start",
-        target_type="run",
-        target_id=run.id,
-        after={"graph": version.graph.slug, "version": version.number, "kind": "stream"},
-    )
+    record_start(run, version, actor)
     _release_older_streams(version)
     transaction.on_commit(lambda: FEED.run_started(run.id))
     return run

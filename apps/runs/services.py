@@ -88,17 +88,27 @@ def start_run(
         )
         step = new_step(run, source_node(version.spec), [event.id], [])
         step.save()
-        record(
-            tenant=run.tenant,
-            actor=actor,
-            action="run.start",
-            target_type="run",
-            target_id=run.id,
-            after={"graph": version.graph.slug, "version": version.number, "kind": kind.value},
-        )
+        record_start(run, version, actor)
         send_on_commit([StepMessage(run.tenant_id, step.id, step.queue)])
         transaction.on_commit(lambda: FEED.run_started(run.id))  # its live feed, numbered from 1
     return run
+
+
+def record_start(run: Run, version: GraphVersion, actor: Actor, **details: Any) -> None:
+    """The audit entry of a run's start, whatever its kind, in the run's transaction."""
+    record(
+        tenant=run.tenant,
+        actor=actor,
+        action="run.start",
+        target_type="run",
+        target_id=run.id,
+        after={
+            "graph": version.graph.slug,
+            "version": version.number,
+            "kind": RunKind(run.kind).value,
+            **details,
+        },
+    )
 
 
 STOP_ACTIONS: dict[str, str] = {
