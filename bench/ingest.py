@@ -519,7 +519,8 @@ def main(*, quick: bool) -> int:
     rounds: list[Round] = []
     with services("ingest") as root:
         asgi, port = start_asgi(root)
-        worker = start_worker(root, "control", [CONTROL_QUEUE], [], concurrency=1)
+        # Two processes, as `make run` gives its CPU worker (which also consumes control).
+        worker = start_worker(root, "control", [CONTROL_QUEUE], [], concurrency=2)
         try:
             stack = setup(port, asgi.pid, worker.pid, root)
             rounds.append(ours_round(stack, warm_payloads, WARM_UP_EVENTS, measured=False))

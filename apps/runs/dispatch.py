@@ -43,6 +43,8 @@ def send_on_commit(messages: list[StepMessage]) -> None:
 # which is what limits bulk intake (bench/ingest). A lost hand-off is covered like any lost
 # message: the sweeper re-sends queued steps gone quiet (SLUICE_REQUEUE_AFTER_S).
 HAND_OFF_OVER = 32
+# Steps per hand-off message, so several worker processes share a large batch's sending.
+HAND_OFF_CHUNK = 100
 
 
 def hand_off_on_commit(tenant_id: int, messages: list[StepMessage]) -> None:
@@ -50,7 +52,9 @@ def hand_off_on_commit(tenant_id: int, messages: list[StepMessage]) -> None:
         send_on_commit(messages)
         return
     listed = [[str(m.step_id), m.queue] for m in messages]
-    transaction.on_commit(lambda: _send_hand_off(tenant_id, listed))
+    for start in range(0, len(listed), HAND_OFF_CHUNK):
+        chunk = listed[start : start + HAND_OFF_CHUNK]
+        transaction.on_commit(lambda chunk=chunk: _send_hand_off(tenant_id, chunk))  # type: ignore[misc]
 
 
 def _send_hand_off(tenant_id: int, listed: list[list[str]]) -> None:
