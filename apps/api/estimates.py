@@ -3,9 +3,9 @@
 `estimate_version` says, before a run starts, how many steps each node will take, how many
 tokens the LLM nodes will read and write, the engine seconds, the cost at the tenant's model
 prices and the wall time at current capacity. `estimate_spec` is the pure part it calls.
-`actual_for_run` gives a started run's figures in the same shape, so the API can put the
-estimate beside what happened. Every default the estimate leans on is stated, as a sentence,
-in its `assumptions`.
+`apps.api.measured.actual_for_run` gives a started run's figures in the same shape, so the
+API can put the estimate beside what happened. Every default the estimate leans on is
+stated, as a sentence, in its `assumptions`.
 
 Capacity is read from settings and from the environment the workers are started with:
 
@@ -20,19 +20,13 @@ Capacity is read from settings and from the environment the workers are started 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from django.conf import settings
-from django.db.models import Avg, Count, FloatField, OuterRef, Subquery, Sum
-from django.utils import timezone
-
+from apps.api.measured import Capacity, NodeHistory, current_capacity, load_history, money
 from apps.graphs.models import GraphVersion
 from apps.graphs.validation import Edge, as_edge, node_queue
-from apps.runs.models import Run, Step, StepStatus, Usage
 from apps.tenants.context import current_tenant
-from sluice.env import env_int
 from workers.inference.registry import ModelSpec, models_for
 from workers.operators import REGISTRY
 from workers.operators.builtin import Split, Switch
@@ -43,17 +37,13 @@ JSON = dict[str, Any]
 RETRY_ALLOWANCE = 0.02  # steps include 2% for retries
 TOKENS_PER_PAGE = 500  # prompt tokens of one page when the profile does not say
 CHARS_PER_TOKEN = 4  # a prompt template's rough token count: its length over this
-HISTORY_DAYS = 30  # how far back a graph's done steps count as its history
 MAX_ITEMS = 1_000_000
 MAX_FANOUT = 100_000  # the largest fan-out a split may have (policies.max_fanout's ceiling)
 MAX_TOKENS_PER_ITEM = 100_000_000
-DEFAULT_CPU_CONCURRENCY = 2  # sluice/launcher.py starts the cpu worker with this many
-DEFAULT_GPU_CONCURRENCY = 32  # ... and the GPU worker with SLUICE_GPU_CONCURRENCY or this
 # Mean seconds of a step of a node with no history, by kind of operator.
 CPU_STEP_S = 0.005
 HTTP_STEP_S = 0.25
 HTTP_TYPES = frozenset({"tool.http", "sink.webhook"})
-MICRODOLLAR = Decimal("0.000001")
 
 
 @dataclass(frozen=True)
@@ -62,25 +52,6 @@ class InputProfile:
     pages_per_item: float = 1.0  # items each split node produces per event it splits
     tokens_per_item: int | None = None  # prompt tokens of one whole input; None: 500 a page
     fanout: dict[str, float] = field(default_factory=dict)  # per split node id, overrides
-
-
-@dataclass(frozen=True)
-class NodeHistory:
-    """What one node's done steps looked like lately; averages are None when not measured."""
-
-    steps: int
-    avg_tokens_out: float | None
-    avg_duration_ms: float | None
-    avg_engine_seconds: float | None  # summed over a step's attempts, from Usage
-
-
-@dataclass(frozen=True)
-class Capacity:
-    cpu_concurrency: int  # cpu steps at once
-    gpu_concurrency: int  # GPU worker threads, shared by the gpu and gpu.<model> queues
-    ttft_ms: float  # the simulated engine's defaults (a model's params may change them)
-    tokens_per_s: float
-    batch_capacity: int  # sequences one engine decodes at full speed
 
 
 # -- the profile ----------------------------------------------------------------------------
@@ -137,52 +108,6 @@ def estimate_version(version: GraphVersion, profile: InputProfile) -> JSON:
     )
 
 
-def current_capacity() -> Capacity:
-    return Capacity(
-        cpu_concurrency=env_int("SLUICE_CPU_CONCURRENCY", DEFAULT_CPU_CONCURRENCY, minimum=1),
-        gpu_concurrency=env_int("SLUICE_GPU_CONCURRENCY", DEFAULT_GPU_CONCURRENCY, minimum=1),
-        ttft_ms=settings.SLUICE_SIM_TTFT_MS,
-        tokens_per_s=settings.SLUICE_SIM_TOKENS_PER_S,
-        batch_capacity=settings.SLUICE_SIM_BATCH_CAPACITY,
-    )
-
-
-def load_history(version: GraphVersion) -> dict[str, NodeHistory]:
-    """Per node of `version`: its graph's done steps of the last HISTORY_DAYS, any version,
-    in one aggregate query. A node id whose type has changed since has no history."""
-    since = timezone.now() - timedelta(days=HISTORY_DAYS)
-    engine = (
-        Usage.objects.filter(step=OuterRef("pk"))
-        .values("step")
-        .annotate(seconds=Sum("engine_seconds"))
-        .values("seconds")
-    )
-    rows = (
-        Step.objects.filter(
-            status=StepStatus.DONE,
-            run__graph_version__graph_id=version.graph_id,
-            finished_at__gte=since,
-        )
-        .annotate(engine_s=Subquery(engine, output_field=FloatField()))
-        .values("node_id", "node_type")
-        .annotate(
-            count=Count("id"),
-            tokens_out=Avg("tokens_out"),
-            duration_ms=Avg("duration_ms"),
-            engine_seconds=Avg("engine_s"),
-        )
-        .order_by()
-    )
-    types = {node["id"]: node["type"] for node in version.spec["nodes"]}
-    return {
-        row["node_id"]: NodeHistory(
-            row["count"], row["tokens_out"], row["duration_ms"], row["engine_seconds"]
-        )
-        for row in rows
-        if types.get(row["node_id"]) == row["node_type"]
-    }
-
-
 def estimate_spec(
     spec: JSON,
     profile: InputProfile,
@@ -211,7 +136,7 @@ def estimate_spec(
         "steps": {"total": sum(steps.values()), "per_node": steps},
         "tokens": {"in": math.ceil(tokens_in), "out": math.ceil(tokens_out)},
         "gpu_seconds": round(sum(steps[n] * c.engine_seconds for n, c in calls.items()), 3),
-        "cost_usd": _money(_cost(steps, calls, notes)),
+        "cost_usd": money(_cost(steps, calls, notes)),
         "wall_seconds": round(_wall(spec, steps, calls, capacity, notes), 3),
         "assumptions": notes,
     }
@@ -225,10 +150,6 @@ def _steps(multiplicity: float) -> int:
 def _figure(value: float) -> str:
     """A figure for a sentence: 32,831 or 5.17, never 3.28e+04."""
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
-
-
-def _money(amount: Decimal) -> str:
-    return format(amount.quantize(MICRODOLLAR), "f")
 
 
 class _Flow:
@@ -574,44 +495,3 @@ def _longest_path(spec: JSON, calls: Mapping[str, _Call]) -> float:
         before = max((done[edge.source] for edge in incoming[node_id]), default=0.0)
         done[node_id] = before + calls[node_id].seconds
     return max(done.values(), default=0.0)
-
-
-# -- what a run really did ---------------------------------------------------------------
-
-
-def actual_for_run(run: Run) -> JSON:
-    """A run's figures so far in the estimate's shape, plus its attempts and whether it has
-    finished. Read inside the run's tenant_context."""
-    per_node = {node["id"]: 0 for node in run.spec["nodes"]}
-    attempts = dict(per_node)
-    rows = list(
-        Step.objects.filter(run=run)
-        .values("node_id")
-        .annotate(
-            steps=Count("id"),
-            attempts=Sum("attempt"),
-            tokens_in=Sum("tokens_in"),
-            tokens_out=Sum("tokens_out"),
-            cost=Sum("cost_usd"),
-        )
-        .order_by()
-    )
-    for row in rows:
-        per_node[row["node_id"]] = row["steps"]
-        attempts[row["node_id"]] = row["attempts"] or 0
-    cost = sum((row["cost"] or Decimal(0) for row in rows), Decimal(0))
-    engine = Usage.objects.filter(run=run).aggregate(seconds=Sum("engine_seconds"))["seconds"]
-    end = run.finished_at or timezone.now()
-    return {
-        "steps": {"total": sum(per_node.values()), "per_node": per_node},
-        "attempts": {"total": sum(attempts.values()), "per_node": attempts},
-        "tokens": {
-            "in": sum(row["tokens_in"] or 0 for row in rows),
-            "out": sum(row["tokens_out"] or 0 for row in rows),
-        },
-        "gpu_seconds": round(engine or 0.0, 3),
-        "cost_usd": _money(cost),
-        "wall_seconds": round((end - run.created_at).total_seconds(), 3),
-        "assumptions": [],
-        "finished": not run.is_active,
-    }

@@ -9,7 +9,8 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from apps.api.estimates import InputProfile, actual_for_run, estimate_version
+from apps.api.estimates import InputProfile, estimate_version
+from apps.api.measured import actual_for_run
 from apps.api.models import BatchJob, WebhookStatus
 from apps.audit.services import Actor
 from apps.graphs.models import GraphVersion

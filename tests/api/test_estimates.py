@@ -9,15 +9,8 @@ from typing import Any
 
 import pytest
 
-from apps.api.estimates import (
-    Capacity,
-    InputProfile,
-    NodeHistory,
-    actual_for_run,
-    estimate_spec,
-    estimate_version,
-    parse_profile,
-)
+from apps.api.estimates import InputProfile, estimate_spec, estimate_version, parse_profile
+from apps.api.measured import Capacity, NodeHistory, actual_for_run
 from apps.graphs.services import add_version
 from apps.runs.models import RunStatus, Step
 from apps.runs.services import start_run
