@@ -33,7 +33,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +45,7 @@ from django.utils import timezone
 
 from apps.api.models import BatchJob, WebhookStatus
 from apps.runs.models import ACTIVE_RUN_STATUSES, Run, RunStatus
+from apps.runs.retries import jittered_backoff_s
 from apps.secrets.crypto import SecretUnreadable, decrypt
 from apps.tenants.context import current_tenant
 from workers.control import redis_client
@@ -119,11 +119,10 @@ def payload_for(job: BatchJob) -> dict[str, Any]:
 
 
 def backoff_s(attempts: int, base_s: float | None = None) -> float:
-    """Delay after the `attempts`-th failed attempt: base doubling per attempt, capped, with
-    "equal jitter" (between half and all of it) so jobs that failed together spread out."""
+    """Delay after the `attempts`-th failed attempt: the steps' own backoff (doubling from
+    SLUICE_WEBHOOK_BACKOFF_S, capped, equal jitter), so jobs that failed together spread out."""
     base = settings.SLUICE_WEBHOOK_BACKOFF_S if base_s is None else base_s
-    ceiling = min(BACKOFF_CAP_S, base * 2 ** min(attempts - 1, 30))
-    return ceiling / 2 + random.random() * ceiling / 2
+    return jittered_backoff_s(base, attempts, BACKOFF_CAP_S)
 
 
 def due_jobs(now: datetime, limit: int) -> list[tuple[int, UUID]]:

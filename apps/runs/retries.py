@@ -14,9 +14,13 @@ MAX_BACKOFF_S = 300.0
 
 
 def retry_delay_s(node: dict[str, Any], attempt: int) -> float:
-    """backoff_s * 2^(attempt-1), capped, then a random half of it taken off ("equal
-    jitter"), so items that failed together do not all come back at the same instant."""
-    delay = min(node_backoff_s(node) * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    return jittered_backoff_s(node_backoff_s(node), attempt, MAX_BACKOFF_S)
+
+
+def jittered_backoff_s(base_s: float, attempt: int, cap_s: float) -> float:
+    """base_s * 2^(attempt-1), capped, then a random half of it taken off ("equal
+    jitter"), so things that failed together do not all come back at the same instant."""
+    delay = min(base_s * 2 ** min(attempt - 1, 30), cap_s)
     return delay / 2 + random.uniform(0, delay / 2)
 
 
