@@ -10,7 +10,6 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.api.estimates import InputProfile, estimate_version
-from apps.api.measured import actual_for_run
 from apps.api.models import BatchJob, WebhookStatus
 from apps.audit.services import Actor
 from apps.graphs.models import GraphVersion
@@ -106,7 +105,3 @@ def failed_items(job: BatchJob) -> list[dict[str, Any]]:
 
 def _item(key: str) -> int | None:
     return int(key) if key.isdigit() else None
-
-
-def actual(job: BatchJob) -> dict[str, Any]:
-    return actual_for_run(job.run)

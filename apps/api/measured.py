@@ -92,26 +92,33 @@ def money(amount: Decimal) -> str:
     return format(amount.quantize(MICRODOLLAR), "f")
 
 
-def actual_for_run(run: Run) -> JSON:
-    """A run's figures so far in the estimate's shape, plus its attempts and whether it has
-    finished. Read inside the run's tenant_context."""
-    per_node = {node["id"]: 0 for node in run.spec["nodes"]}
-    attempts = dict(per_node)
-    rows = list(
-        Step.objects.filter(run=run)
-        .values("node_id")
+def step_totals(run: Run) -> list[JSON]:
+    """The run's steps grouped by node and status, with their attempts, tokens and cost:
+    the one query both a run's detail and its actual figures are read from."""
+    return list(
+        Step.objects.filter(run_id=run.id)
+        .values("node_id", "status")
         .annotate(
-            steps=Count("id"),
+            n=Count("id"),
             attempts=Sum("attempt"),
             tokens_in=Sum("tokens_in"),
             tokens_out=Sum("tokens_out"),
+            wasted=Sum("wasted_tokens"),
             cost=Sum("cost_usd"),
         )
         .order_by()
     )
+
+
+def actual_for_run(run: Run, rows: list[JSON] | None = None) -> JSON:
+    """A run's figures so far in the estimate's shape, plus its attempts and whether it has
+    finished, from `step_totals` (read here if not given). Inside the run's tenant_context."""
+    rows = step_totals(run) if rows is None else rows
+    per_node = {node["id"]: 0 for node in run.spec["nodes"]}
+    attempts = dict(per_node)
     for row in rows:
-        per_node[row["node_id"]] = row["steps"]
-        attempts[row["node_id"]] = row["attempts"] or 0
+        per_node[row["node_id"]] += row["n"]
+        attempts[row["node_id"]] += row["attempts"] or 0
     cost = sum((row["cost"] or Decimal(0) for row in rows), Decimal(0))
     engine = Usage.objects.filter(run=run).aggregate(seconds=Sum("engine_seconds"))["seconds"]
     end = run.finished_at or timezone.now()

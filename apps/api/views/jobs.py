@@ -19,7 +19,8 @@ from rest_framework.response import Response
 from apps.api.admission import admit
 from apps.api.base import TenantAPIView
 from apps.api.idempotency import idempotent
-from apps.api.jobs import JobRequest, actual, failed_items, progress, submit_job
+from apps.api.jobs import JobRequest, failed_items, progress, submit_job
+from apps.api.measured import actual_for_run, step_totals
 from apps.api.models import BatchJob
 from apps.api.pagination import PAGE_PARAMETERS, cursor_page, page_of, paginated
 from apps.api.parsers import JSON_LINES, JsonLinesParser, parse_lines
@@ -130,7 +131,8 @@ def job_by_id(job_id: UUID) -> BatchJob:
 
 
 def job_data(job: BatchJob) -> dict[str, Any]:
-    run = run_detail(job.run)
+    rows = step_totals(job.run)  # one scan of the steps for the run, stages and actuals
+    run = run_detail(job.run, rows)
     per_node = {row["node"]: row["counts"] for row in run["nodes"]}
     return {
         "id": job.id,
@@ -142,7 +144,7 @@ def job_data(job: BatchJob) -> dict[str, Any]:
         "stages": run["nodes"],
         "failed_items": failed_items(job),
         "estimate": job.estimate,
-        "actual": actual(job),
+        "actual": actual_for_run(job.run, rows),
         "webhook": {
             "url": job.webhook_url,
             "status": job.webhook_status,

@@ -7,7 +7,6 @@ from typing import Any
 from uuid import UUID
 
 from django.db import connection
-from django.db.models import Count, Sum
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
@@ -17,6 +16,7 @@ from rest_framework.response import Response
 from apps.api.admission import admit
 from apps.api.base import TenantAPIView
 from apps.api.idempotency import idempotent
+from apps.api.measured import money, step_totals
 from apps.api.pagination import PAGE_PARAMETERS, page_of, paginated
 from apps.api.problems import Conflict
 from apps.api.views.graphs import MAX_NUMBER, deployed, valid
@@ -141,29 +141,14 @@ def run_summary(run: Run) -> dict[str, Any]:
         "started_at": run.started_at,
         "finished_at": run.finished_at,
         "deadline": run.deadline,
-        "budget_usd": usd(run.budget_usd) if run.budget_usd is not None else None,
+        "budget_usd": money(run.budget_usd) if run.budget_usd is not None else None,
     }
 
 
-def usd(amount: Decimal) -> str:
-    """Money as the schema's decimal string, 6 places: no float rounding on the way out."""
-    return f"{amount:.6f}"
-
-
-def run_detail(run: Run) -> dict[str, Any]:
-    """The summary plus steps by node and status, tokens and cost: one aggregate query."""
-    rows = (
-        Step.objects.filter(run_id=run.id)
-        .values("node_id", "status")
-        .annotate(
-            n=Count("id"),
-            cost=Sum("cost_usd"),
-            prompt=Sum("tokens_in"),
-            completion=Sum("tokens_out"),
-            wasted=Sum("wasted_tokens"),
-        )
-        .order_by()
-    )
+def run_detail(run: Run, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The summary plus steps by node and status, tokens and cost, from `step_totals`
+    (read here if not given)."""
+    rows = step_totals(run) if rows is None else rows
     per_node: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(STEP_STATUSES, 0))
     totals = dict.fromkeys(STEP_STATUSES, 0)
     cost, tokens = Decimal(0), {"prompt": 0, "completion": 0, "wasted": 0}
@@ -171,12 +156,13 @@ def run_detail(run: Run) -> dict[str, Any]:
         per_node[row["node_id"]][row["status"]] = row["n"]
         totals[row["status"]] += row["n"]
         cost += row["cost"] or 0
-        for name in tokens:
-            tokens[name] += row[name] or 0
+        tokens["prompt"] += row["tokens_in"] or 0
+        tokens["completion"] += row["tokens_out"] or 0
+        tokens["wasted"] += row["wasted"] or 0
     order = [node["id"] for node in run.spec["nodes"]]
     return {
         **run_summary(run),
-        "cost_usd": usd(cost),
+        "cost_usd": money(cost),
         "tokens": tokens,
         "steps": totals,
         "nodes": [{"node": node, "counts": per_node[node]} for node in order],
