@@ -1,11 +1,11 @@
 """Cursor pagination for every list: stable under inserts (a new run does not shift the next
 page), `?cursor=` from the previous page's `next`, `?limit=` up to MAX_LIMIT."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-from django.db.models import Model, QuerySet
+from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
@@ -55,9 +55,7 @@ def page_of(
     *,
     ordering: str | tuple[str, ...],
 ) -> Response:
-    paginator = _Cursor()
-    paginator.ordering = ordering
-    rows: Iterable[Model] = paginator.paginate_queryset(queryset, request) or []
+    paginator, rows = _paginate(request, queryset, ordering)
     return paginator.get_paginated_response([to_data(row) for row in rows])
 
 
@@ -65,10 +63,16 @@ def cursor_page(
     request: Request, queryset: QuerySet[Any], *, ordering: str | tuple[str, ...]
 ) -> tuple[list[Any], str | None]:
     """One page of rows and the link to the next, for answers that are not JSON."""
+    paginator, rows = _paginate(request, queryset, ordering)
+    return rows, paginator.get_next_link()
+
+
+def _paginate(
+    request: Request, queryset: QuerySet[Any], ordering: str | tuple[str, ...]
+) -> tuple[_Cursor, list[Any]]:
     paginator = _Cursor()
     paginator.ordering = ordering
-    rows = list(paginator.paginate_queryset(queryset, request) or [])
-    return rows, paginator.get_next_link()
+    return paginator, list(paginator.paginate_queryset(queryset, request) or [])
 
 
 @cache

@@ -2,6 +2,7 @@
 message for a step it cannot yet see."""
 
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 from django.db import transaction
@@ -22,7 +23,7 @@ class StepMessage:
     priority: int = NORMAL_PRIORITY
 
 
-def send_now(message: StepMessage) -> None:
+def send_now(message: StepMessage, producer: Any = None) -> None:
     from workers.tasks import execute_step  # the task module imports this one
 
     execute_step.apply_async(
@@ -30,6 +31,7 @@ def send_now(message: StepMessage) -> None:
         queue=message.queue,
         countdown=message.countdown_s,
         priority=message.priority,
+        producer=producer,
     )
 
 
@@ -70,9 +72,4 @@ def send_all(tenant_id: int, listed: list[list[str]]) -> None:
 
     with execute_step.app.producer_or_acquire() as producer:
         for step_id, queue in listed:
-            execute_step.apply_async(
-                args=(tenant_id, step_id),
-                queue=queue,
-                priority=NORMAL_PRIORITY,
-                producer=producer,
-            )
+            send_now(StepMessage(tenant_id, UUID(step_id), queue), producer)
