@@ -97,7 +97,7 @@ def test_each_api_key_has_a_request_rate(world: World) -> None:
     assert second.get("/api/graphs/").status_code == 200  # another key has its own
 
 
-def test_a_waiting_step_count_past_its_time_frees_room(world: World) -> None:
+def test_steps_that_finish_make_room_again(world: World) -> None:
     """Steps that finish leave the count: the same request passes once the queue drained."""
     world.graph("g", SPEC)
     limit(world.acme, max_queued_steps=2)

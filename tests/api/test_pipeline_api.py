@@ -2,14 +2,14 @@
 progress, results and failed items, a stream deployment's events, replay and cancel."""
 
 import json
-import time
 from typing import Any
 
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 
 from apps.runs.models import Run, RunKind, RunStatus
 from apps.tenants.context import tenant_context
-from tests.api.helpers import SPEC, ApiClient, key_client
+from tests.api.helpers import SPEC, key_client
 from tests.conftest import World
 from tests.runs.helpers import wait_for_run, wait_until
 
@@ -127,8 +127,6 @@ def test_job_inputs_as_json_lines_or_an_uploaded_file(world: World, platform: ob
     assert as_lines.status_code == 202, as_lines.json()
     assert as_lines.json()["items"] == 2
 
-    from django.core.files.uploadedfile import SimpleUploadedFile
-
     upload = SimpleUploadedFile("inputs.jsonl", body + b'{"x": 3}\n')
     as_file = api.client.post("/api/jobs/", {"graph": "g", "file": upload}, headers=api.headers)
     assert as_file.status_code == 202, as_file.json()
@@ -185,14 +183,14 @@ def test_stream_events_flow_through_one_open_run_until_another_version_takes_ove
 
 def test_replaying_dead_steps_through_the_api(world: World, platform: object) -> None:
     world.graph("words", WORDS_SPEC)
-    api: ApiClient = key_client(world)
+    api = key_client(world)
     started = api.post("/api/runs/", {"graph": "words", "input": {"words": "nope"}}).json()
     assert finished(world, started["id"]).status == RunStatus.FAILED
     replayed = api.post(f"/api/runs/{started['id']}/replay/")
     assert replayed.status_code == 200, replayed.json()
     assert replayed.json()["replayed"] == 1
-    # The input is still bad: the step dies again, the run fails again.
-    time.sleep(0.2)
+    # The input is still bad: the step dies again, the run fails again (replay set the run
+    # running in its own transaction, so waiting for it to end waits for the new attempt).
     assert finished(world, started["id"]).status == RunStatus.FAILED
     nothing = api.post(f"/api/runs/{started['id']}/replay/", {"steps": []})
     assert nothing.status_code == 409
