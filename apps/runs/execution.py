@@ -12,7 +12,7 @@ from uuid import UUID, uuid4
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from apps.graphs.validation import spec_max_fanout
@@ -45,9 +45,11 @@ from workers.operators import REGISTRY
 from workers.operators.base import (
     BudgetExceeded,
     DeadlinePassed,
+    Deferred,
     InputEvent,
     LeaseLost,
     PermanentError,
+    RetrySoon,
     StepCancelled,
     StepContext,
     StepDeadlinePassed,
@@ -113,8 +115,13 @@ def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
     except LeaseLost:
         logger.warning("step %s: lease lost to another worker; its results are dropped", step_id)
         record_orphan_usage(claim)
+    except Deferred as exc:
+        defer_step(claim, str(exc), exc.wait_s)
     except PermanentError as exc:
         fail_attempt(claim, str(exc), permanent=True)
+    except RetrySoon as exc:
+        logger.info("step %s (%s): %s", step_id, claim.node["id"], exc)
+        fail_attempt(claim, str(exc), permanent=False, delay_s=exc.retry_in_s)
     except Exception as exc:
         logger.exception("step %s (%s) failed", step_id, claim.node["id"])
         fail_attempt(claim, f"{type(exc).__name__}: {exc}", permanent=False)
@@ -152,6 +159,7 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | Overdue | None:
             "worker": worker,
             "started_at": now,
             "not_before": None,
+            "waiting": "",
         }
         if not transition_step(step, from_=(step.status,), to=StepStatus.RUNNING, **changes):
             return None
@@ -233,6 +241,7 @@ def run_operator(claim: Claimed) -> StepResult:
                 item=step.item_index,
                 attempt=step.attempt,
             ),
+            "waiting_ahead": lambda: waiting_ahead(step),
         }
     ctx = StepContext(
         run_id=str(claim.run.id),
@@ -276,6 +285,15 @@ def start_generation(claim: Claimed, spec: ModelSpec, request: GenerationRequest
         at = finished_at.timestamp() if finished_at else time.time()
         generation.stop(StopSignal(STOP_SIGNALS.get(status, status), at))
     return generation
+
+
+def waiting_ahead(step: Step) -> tuple[int, int]:
+    """This tenant's steps waiting on the step's queue (its model's pool), and how many of
+    them outrank it: what load shedding by priority decides on."""
+    counts = Step.objects.filter(queue=step.queue, status__in=CLAIMABLE_STEP_STATUSES).aggregate(
+        waiting=Count("id"), higher=Count("id", filter=Q(priority__gt=step.priority))
+    )
+    return counts["waiting"], counts["higher"]
 
 
 def collect_failures(collect_step: Step) -> list[Any]:
@@ -397,9 +415,36 @@ def record_orphan_usage(claim: Claimed) -> None:
             record_usage(claim.step.id, claim.run, claim.usage, on_step=False)
 
 
-def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
+def defer_step(claim: Claimed, reason: str, wait_s: float) -> None:
+    """Back to the queue for `wait_s`, as if this attempt had not been claimed: flow control
+    found no model that can serve it now. The reason shows on the step while it waits."""
+    now = timezone.now()
+    with transaction.atomic():
+        moved = transition_step(
+            claim.step,
+            from_=(StepStatus.RUNNING,),
+            to=StepStatus.QUEUED,
+            holding_lease=claim.token,
+            attempt=claim.step.attempt - 1,
+            lease_until=None,
+            not_before=now + timedelta(seconds=wait_s),
+            enqueued_at=now,
+            waiting=reason,
+        )
+        if moved:
+            send_on_commit(
+                [StepMessage(claim.run.tenant_id, claim.step.id, claim.step.queue, wait_s)]
+            )
+        else:
+            logger.warning("step %s: lease lost before it could wait", claim.step.id)
+
+
+def fail_attempt(
+    claim: Claimed, error: str, *, permanent: bool, delay_s: float | None = None
+) -> None:
     """Dead-letter the step after a permanent error, its last attempt, or when the run's
-    retry budget is spent; else retry later with backoff and jitter."""
+    retry budget is spent; else retry later: after `delay_s` when given, else with the
+    node's backoff and jitter."""
     attempt, most = claim.step.attempt, claim.step.max_attempts
     dead = give_up_reason(
         claim.run.id, claim.run.tenant_id, attempt, most, error, permanent=permanent
@@ -409,7 +454,7 @@ def fail_attempt(claim: Claimed, error: str, *, permanent: bool) -> None:
             claim, StepStatus.DEAD, error=dead, failed=True, operator_ms=claim.operator_ms
         )
         return
-    delay = retry_delay_s(claim.node, attempt)
+    delay = retry_delay_s(claim.node, attempt) if delay_s is None else delay_s
     now = timezone.now()
     with transaction.atomic():
         usage = record_usage(claim.step.id, claim.run, claim.usage) if claim.usage else {}

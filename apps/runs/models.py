@@ -129,6 +129,12 @@ class Step(TenantModel):
     stop_latency_ms = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True)
     skip_reason = models.CharField(max_length=200, blank=True)
+    # Flow control: the node's priority (0 low, 1 normal, 2 high) for load shedding; why the
+    # model that served the step was chosen, when it was not simply the one asked for; and,
+    # while the step is back in the queue waiting for a model, why.
+    priority = models.SmallIntegerField(default=1)
+    route = models.TextField(blank=True)
+    waiting = models.TextField(blank=True)
 
     class Meta(TenantModel.Meta):
         ordering = ["created_at", "node_id", "item_index"]

@@ -18,6 +18,7 @@ from apps.graphs.validation import downstream, node_max_attempts, node_queue, no
 from apps.runs.dispatch import StepMessage
 from apps.runs.models import FanIn, FanInArrival, FanInClosed, Run, RunStatus, Step, StepStatus
 from apps.runs.transitions import transition_run
+from workers.flow.routing import PRIORITIES
 from workers.operators import REGISTRY
 from workers.operators.base import PermanentError
 from workers.operators.builtin import collects_failures
@@ -45,6 +46,7 @@ def new_step(run: Run, node: dict[str, Any], inputs: list[UUID], scopes: Scopes)
         item_index=innermost[1] if innermost else None,
         deadline=now + timedelta(seconds=ttl) if ttl is not None else None,
         enqueued_at=now,
+        priority=PRIORITIES.get(node.get("config", {}).get("priority"), 1),
     )
 
 

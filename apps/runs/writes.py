@@ -76,6 +76,7 @@ def record_usage(
     }
     if usage.stop_latency_ms is not None:
         fields["stop_latency_ms"] = usage.stop_latency_ms
+    fields["route"] = usage.route
     return fields
 
 

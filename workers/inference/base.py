@@ -54,11 +54,16 @@ class EngineError(Exception):
 
 class EngineUnavailable(EngineError):
     """Overloaded, rate limited (429), 5xx, timed out, stalled or dropped mid-stream:
-    worth retrying. `retry_after_s` carries a provider's Retry-After when it sent one."""
+    worth retrying. `retry_after_s` carries a provider's Retry-After when it sent one;
+    `throttled` says the provider refused for load (429), which flow control treats as a
+    signal to slow down rather than as the provider failing."""
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, throttled: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.throttled = throttled
 
 
 class EngineRejected(EngineError):

@@ -329,7 +329,7 @@ class _Call:
             message += f": {excerpt}"
         if head.status == 429 or head.status >= 500:
             retry = _retry_after_s(head.headers.get("retry-after"))
-            return EngineUnavailable(message, retry_after_s=retry)
+            return EngineUnavailable(message, retry_after_s=retry, throttled=head.status == 429)
         return EngineRejected(message)
 
     async def _error_body(self, head: Head, rest: bytes) -> str:

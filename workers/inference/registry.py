@@ -1,5 +1,6 @@
 """The model registry: which engine serves a model name, with what parameters, at what price,
-at what quality tier, and what to fall back to.
+at what quality tier, what to fall back to, which requests a cheaper model may take (`routes`),
+and how calls to its provider are flow-controlled (`flow`, workers/flow/config.py).
 
 The platform's registry comes from settings (`SLUICE_MODELS`, a JSON object of entries
 merged over the built-in simulated models). A tenant may override, per model, its prices
@@ -18,13 +19,38 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from workers.flow.config import FlowConfig, FlowConfigError, parse_flow
 from workers.inference.base import Engine
 
 ENGINES = ("simulated", "openai", "vllm", "transformers")
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 QUALITY_TIERS = (1, 2, 3)  # 1 basic, 2 standard, 3 best
-ENTRY_FIELDS = {"engine", "params", "usd_per_mtok_in", "usd_per_mtok_out", "quality", "fallbacks"}
-TENANT_OVERRIDABLE = ("usd_per_mtok_in", "usd_per_mtok_out", "quality", "fallbacks")
+ENTRY_FIELDS = {
+    "engine",
+    "params",
+    "usd_per_mtok_in",
+    "usd_per_mtok_out",
+    "quality",
+    "fallbacks",
+    "routes",
+    "flow",
+}
+# Routes only choose among registered models, so a tenant may set its own cost rules.
+TENANT_OVERRIDABLE = ("usd_per_mtok_in", "usd_per_mtok_out", "quality", "fallbacks", "routes")
+
+
+@dataclass(frozen=True)
+class Route:
+    """A request class another model may serve: prompts of at most `max_prompt_tokens`
+    (estimated) go to `to`, unless that would undercut the node's min_quality."""
+
+    max_prompt_tokens: int
+    to: str
+
+    def describe(self) -> str:
+        return f"prompts of at most {self.max_prompt_tokens} tokens go to {self.to}"
+
+
 MILLION = Decimal(1_000_000)
 
 
@@ -37,6 +63,8 @@ class ModelSpec:
     usd_per_mtok_out: Decimal  # price per million completion tokens
     quality: int
     fallbacks: tuple[str, ...] = ()
+    routes: tuple[Route, ...] = ()
+    flow: FlowConfig | None = None
 
     @property
     def queue(self) -> str:
@@ -98,6 +126,10 @@ def parse_entry(name: str, raw: Any) -> ModelSpec:
     fallbacks = raw.get("fallbacks", [])
     if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
         raise RegistryError(f"{where}: fallbacks must be a list of model names")
+    try:
+        flow = parse_flow(name, engine, raw.get("flow"))
+    except FlowConfigError as exc:
+        raise RegistryError(f"{where}: {exc}") from None
     return ModelSpec(
         name=name,
         engine=engine,
@@ -106,7 +138,27 @@ def parse_entry(name: str, raw: Any) -> ModelSpec:
         usd_per_mtok_out=_price(where, "usd_per_mtok_out", raw.get("usd_per_mtok_out", "0")),
         quality=quality,
         fallbacks=tuple(fallbacks),
+        routes=_routes(where, raw.get("routes", [])),
+        flow=flow,
     )
+
+
+def _routes(where: str, raw: Any) -> tuple[Route, ...]:
+    if not isinstance(raw, list):
+        raise RegistryError(f"{where}: routes must be a list")
+    routes = []
+    for i, rule in enumerate(raw):
+        if not isinstance(rule, dict) or set(rule) != {"max_prompt_tokens", "to"}:
+            raise RegistryError(
+                f"{where}: routes[{i}] must be an object with max_prompt_tokens and to"
+            )
+        limit, target = rule["max_prompt_tokens"], rule["to"]
+        if type(limit) is not int or limit < 1:
+            raise RegistryError(f"{where}: routes[{i}].max_prompt_tokens must be a number ≥ 1")
+        if not isinstance(target, str):
+            raise RegistryError(f"{where}: routes[{i}].to must be a model name")
+        routes.append(Route(limit, target))
+    return tuple(routes)
 
 
 def _price(where: str, field: str, value: Any) -> Decimal:
@@ -126,6 +178,9 @@ def _check_fallbacks(models: dict[str, ModelSpec]) -> None:
                 raise RegistryError(f"model {spec.name!r}: unknown fallback {fallback!r}")
             if fallback == spec.name:
                 raise RegistryError(f"model {spec.name!r}: a model cannot fall back to itself")
+        for route in spec.routes:
+            if route.to not in models or route.to == spec.name:
+                raise RegistryError(f"model {spec.name!r}: routes to unknown model {route.to!r}")
 
 
 @cache
@@ -154,6 +209,8 @@ def models_for(overrides: dict[str, Any]) -> dict[str, ModelSpec]:
             changes["quality"] = fields["quality"]
         if "fallbacks" in fields:
             changes["fallbacks"] = tuple(fields["fallbacks"])
+        if "routes" in fields:
+            changes["routes"] = _routes(f"model {name!r}", fields["routes"])
         models[name] = replace(base, **changes)
     return models
 
@@ -188,6 +245,7 @@ def _as_raw(spec: ModelSpec) -> dict[str, Any]:
         "usd_per_mtok_out": str(spec.usd_per_mtok_out),
         "quality": spec.quality,
         "fallbacks": list(spec.fallbacks),
+        "routes": [{"max_prompt_tokens": r.max_prompt_tokens, "to": r.to} for r in spec.routes],
     }
 
 

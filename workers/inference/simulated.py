@@ -130,6 +130,7 @@ class SimulatedEngine(Engine):
             raise EngineUnavailable(
                 f"simulated engine: injected {status} on attempt {request.attempt}",
                 retry_after_s=retry_after,
+                throttled=fault == "rate_limited",
             )
         loop = asyncio.get_running_loop()
         state = _Request(

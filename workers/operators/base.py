@@ -21,6 +21,26 @@ class PermanentError(Exception):
     """Bad data or config: retrying cannot help, so the step goes straight to dead."""
 
 
+class RetrySoon(Exception):
+    """A transient failure whose next attempt should come after `retry_in_s` rather than the
+    node's backoff: flow control already slows the provider down, and the next attempt is
+    routed afresh (to a fallback, or held while the breaker is open)."""
+
+    def __init__(self, message: str, *, retry_in_s: float) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
+
+
+class Deferred(Exception):
+    """The step cannot be served now and must wait (flow control: every model it may use is
+    throttled, its breaker is open, or higher-priority work goes first). It goes back to the
+    queue for `wait_s` without using up an attempt; `reason` is shown on the step."""
+
+    def __init__(self, reason: str, *, wait_s: float) -> None:
+        super().__init__(reason)
+        self.wait_s = wait_s
+
+
 class StepCancelled(Exception):
     """The run was cancelled (or its deadline passed) while this step was running."""
 
@@ -83,6 +103,8 @@ class UsageRecord:
     wasted_tokens: int = 0
     # From the stop signal to the engine no longer generating.
     stop_latency_ms: float | None = None
+    # Why this model served the step when it was not simply the one asked for.
+    route: str = ""
 
 
 @dataclass
@@ -160,6 +182,9 @@ class StepContext:
     report_usage: Callable[[UsageRecord], None] = lambda usage: None
     # Opens this attempt's token stream to the run's live feed; close it when generation ends.
     open_token_stream: Callable[[], TokenSink] = NoTokens
+    # Load shedding: (this tenant's steps waiting on this step's queue, how many of them have
+    # a higher priority than this step).
+    waiting_ahead: Callable[[], tuple[int, int]] = lambda: (0, 0)
 
 
 @dataclass(frozen=True)
