@@ -239,6 +239,19 @@ CASES: list[tuple[str, Mutation, list[str]]] = [
         ["node 'summary': config.model: unknown model 'gpt-9' (known: default, small)"],
     ),
     (
+        "a quality floor above the model's own tier",
+        set_config("summary", "min_quality", 3),
+        [
+            "node 'summary': config.min_quality: model default is quality 2, below"
+            " min_quality 3; choose a better model or lower the floor"
+        ],
+    ),
+    (
+        "an unknown priority",
+        set_config("summary", "priority", "urgent"),
+        ["node 'summary': config.priority: 'urgent' is not one of ['low', 'normal', 'high']"],
+    ),
+    (
         "dangling edge",
         add_edge("store", "nowhere"),
         ["edge 5: node 'nowhere' does not exist"],

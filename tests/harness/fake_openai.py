@@ -70,6 +70,7 @@ class StreamRecord:
     client_closed_at: float | None = None  # when the server saw the client hang up
     completed: bool = False  # the stream ended with [DONE] and the terminating chunk
     active: bool = True  # the handler is still writing (or stalling) this response
+    ended_at: float | None = None  # when the handler finished with it
 
 
 class FakeOpenAI:
@@ -193,6 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with fake.lock:
                 record.active = False
+                record.ended_at = time.time()
 
     def _answer(self, fake: FakeOpenAI, record: StreamRecord) -> None:
         fault = fake._fault_for(record)

@@ -80,6 +80,12 @@ def test_an_entry_gets_defaults_for_what_it_leaves_out() -> None:
         ("m", entry(quality="2"), "quality must be one of (1, 2, 3)"),
         ("m", entry(fallbacks="small"), "fallbacks must be a list of model names"),
         ("m", entry(fallbacks=["small", 3]), "fallbacks must be a list of model names"),
+        ("m", entry(routes={"to": "small"}), "routes must be a list"),
+        ("m", entry(routes=[{"to": "small"}]), "routes[0] must be an object with"),
+        ("m", entry(routes=[{"max_prompt_tokens": 0, "to": "s"}]), "routes[0].max_prompt_tokens"),
+        ("m", entry(routes=[{"max_prompt_tokens": 9, "to": 1}]), "routes[0].to must be a model"),
+        ("m", entry(flow={"rpm": -5}), "flow.rpm must be a positive whole number"),
+        ("m", entry(flow=[]), "flow must be an object"),
     ],
 )
 def test_an_invalid_entry_is_refused_naming_the_model_and_field(
@@ -182,6 +188,11 @@ def test_tenant_overrides_apply_to_that_tenant_only() -> None:
         ({"default": {"fallbacks": "small"}}, "fallbacks must be a list"),
         ({"default": {"fallbacks": ["nope"]}}, "model 'default': unknown fallback 'nope'"),
         ({"small": {"fallbacks": ["small"]}}, "model 'small': a model cannot fall back"),
+        ({"default": {"flow": {"rpm": 1}}}, "not flow"),
+        (
+            {"default": {"routes": [{"max_prompt_tokens": 9, "to": "gpt-9"}]}},
+            "model 'default': routes to unknown model 'gpt-9'",
+        ),
     ],
 )
 def test_check_overrides_refuses_what_a_tenant_may_not_set(overrides: Any, problem: str) -> None:
@@ -190,6 +201,23 @@ def test_check_overrides_refuses_what_a_tenant_may_not_set(overrides: Any, probl
         check_overrides(overrides)
     assert problem in str(caught.value)
     assert platform_models() == before
+
+
+def test_a_tenant_may_set_its_own_routing_rules() -> None:
+    rules = [{"max_prompt_tokens": 32, "to": "small"}]
+    assert check_overrides({"default": {"routes": rules}})
+    routes = models_for({"default": {"routes": rules}})["default"].routes
+    assert [(r.max_prompt_tokens, r.to) for r in routes] == [(32, "small")]
+    assert platform_models()["default"].routes == ()
+
+
+def test_remote_entries_are_flow_controlled_and_simulated_ones_are_not() -> None:
+    remote_entry = {"engine": "openai", "params": {"base_url": "http://127.0.0.1:9/v1"}}
+    flow = parse_entry("r", remote_entry).flow
+    assert flow is not None and flow.provider == "r"
+    assert parse_entry("s", entry()).flow is None
+    shared = parse_entry("s", entry(flow={"provider": "gpu-pool", "max_concurrency": 4}))
+    assert shared.flow is not None and shared.flow.max_concurrency == 4
 
 
 # --- building engines --------------------------------------------------------------------
