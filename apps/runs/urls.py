@@ -1,6 +1,6 @@
 from django.urls import path
 
-from apps.runs import views
+from apps.runs import providers, views
 
 app_name = "runs"
 urlpatterns = [
@@ -13,4 +13,7 @@ urlpatterns = [
     path("<uuid:run_id>/steps/", views.steps, name="steps"),
     path("<uuid:run_id>/steps/<uuid:step_id>/", views.step_detail, name="step"),
     path("<uuid:run_id>/results/", views.results, name="results"),
+    # Flow control's state per model and provider; the figures poll themselves.
+    path("providers/", providers.providers, name="providers"),
+    path("providers/figures/", providers.provider_figures, name="provider-figures"),
 ]

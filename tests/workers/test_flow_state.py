@@ -6,8 +6,9 @@ import uuid
 
 import pytest
 
-from workers.flow.config import FlowConfig, FlowConfigError, parse_flow
-from workers.flow.state import Denial, Outcome, Permit, acquire, release
+from workers.control import redis_client
+from workers.flow.config import RETRY_WINDOW_S, FlowConfig, FlowConfigError, parse_flow
+from workers.flow.state import Denial, Outcome, Permit, acquire, keys, release
 
 
 def fresh(**settings: object) -> tuple[str, FlowConfig]:
@@ -109,6 +110,8 @@ def test_retries_are_limited_to_a_fraction_of_recent_successes() -> None:
         release(config, take(model, config), Outcome("ok"))
     take(model, config, retry=True)  # 2 successes at 0.5 each: one more retry
     assert refused(model, config, retry=True).kind == "budget"
+    window = keys(model, config)[3]
+    assert 0 < redis_client().ttl(window) <= 2 * RETRY_WINDOW_S  # counts do not pile up
 
 
 def test_a_provider_shared_by_two_models_shares_its_breaker() -> None:

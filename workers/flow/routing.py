@@ -116,7 +116,9 @@ def route(
             if isinstance(got, Permit):
                 return Routed(candidate.spec, got, _note(candidate, denials, routing_plan))
             denials.append((candidate, got))
-            if got.kind == "wait" and waited + got.wait_s <= flow.wait_limit_s:
+            # A half-open breaker's probe decides for everyone; the others move on.
+            worth_waiting = got.kind == "wait" and got.why != "probe"
+            if worth_waiting and waited + got.wait_s <= flow.wait_limit_s:
                 short_wait = got.wait_s
                 break
         if short_wait is None:

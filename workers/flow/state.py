@@ -107,7 +107,8 @@ return {'ok', tostring(held + 1), tostring(limit)}
 
 # ARGV: now, rid, outcome (ok | throttled | failed | neutral), ttft (-1: none), reserved
 # tokens, used tokens, retry-after (-1: none), tpm, max and min concurrency, failures to
-# open, latency factor, bucket seconds, decrease cooldown, backoff and latency factors.
+# open, latency factor, bucket seconds, decrease cooldown, backoff and latency factors,
+# retry window seconds. Counts older than the window are dropped here, as successes come.
 _RELEASE = """
 local now, rid, outcome = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local ttft, est, used = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -115,6 +116,7 @@ local retry_after, tpm = tonumber(ARGV[7]), tonumber(ARGV[8])
 local maxc, minc, to_open = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local factor, bucket, cooldown = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local backoff, latency_backoff = tonumber(ARGV[15]), tonumber(ARGV[16])
+local window = tonumber(ARGV[17])
 local function refill(saved, at, per_minute)
   local tokens = tonumber(saved) or per_minute
   return math.min(per_minute, tokens + math.max(0, now - (tonumber(at) or now)) * per_minute / 60)
@@ -137,14 +139,24 @@ local p = redis.call('HMGET', KEYS[3], 'state', 'probe', 'failures')
 local state = p[1] or 'closed'
 local probe = state == 'half_open' and p[2] == rid
 
+local current = math.floor(now / bucket)
+local oldest = current - math.ceil(window / bucket) + 1
+for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
+  if tonumber(string.match(field, ':(%d+)')) < oldest then redis.call('HDEL', KEYS[4], field) end
+end
+redis.call('EXPIRE', KEYS[4], window * 2)
 if outcome == 'ok' then
-  redis.call('HINCRBY', KEYS[4], 'ok:' .. math.floor(now / bucket), 1)
+  redis.call('HINCRBY', KEYS[4], 'ok:' .. current, 1)
   if probe or state == 'closed' then
     redis.call('HSET', KEYS[3], 'state', 'closed', 'failures', 0, 'probe', '')
   end
   if ttft >= 0 then
     local base = tonumber(m[3])
-    if not base or ttft < base then base = ttft else base = base + (ttft - base) * 0.01 end
+    -- The usual time: quick to learn a faster one, slow to accept a slower one, and never
+    -- set by one lucky response.
+    if not base then base = ttft
+    elseif ttft < base then base = base + (ttft - base) * 0.2
+    else base = base + (ttft - base) * 0.01 end
     redis.call('HSET', KEYS[1], 'ttft_base', base)
     if base > 0 and ttft > base * factor then
       cut(latency_backoff)
@@ -192,6 +204,8 @@ class Denial:
     kind: str
     wait_s: float
     reason: str
+    # For waits: breaker | probe | paused | concurrency | rpm | tpm.
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -202,7 +216,7 @@ class Outcome:
     retry_after_s: float | None = None
 
 
-def _keys(model: str, config: FlowConfig) -> list[str]:
+def keys(model: str, config: FlowConfig) -> list[str]:
     return [
         f"sluice:flow:model:{model}",
         f"sluice:flow:model:{model}:permits",
@@ -217,7 +231,7 @@ def acquire(
     reply = redis_client().eval(
         _ACQUIRE,
         4,
-        *_keys(model, config),
+        *keys(model, config),
         time.time(),
         request_id,
         tokens,
@@ -249,7 +263,7 @@ def acquire(
     if kind == "too_big":
         return Denial("too_big", 0.0, f"{model} needs {tokens} tokens, over its TPM of {rest[0]}")
     wait_s, why, figure = float(rest[0]), rest[1], rest[2]
-    return Denial("wait", wait_s, _wait_reason(model, config, why, figure, wait_s))
+    return Denial("wait", wait_s, _wait_reason(model, config, why, figure, wait_s), why)
 
 
 def _wait_reason(model: str, config: FlowConfig, why: str, figure: str, wait_s: float) -> str:
@@ -271,7 +285,7 @@ def release(config: FlowConfig, permit: Permit, outcome: Outcome) -> None:
         redis_client().eval(
             _RELEASE,
             4,
-            *_keys(permit.model, config),
+            *keys(permit.model, config),
             time.time(),
             permit.request_id,
             outcome.kind,
@@ -288,6 +302,7 @@ def release(config: FlowConfig, permit: Permit, outcome: Outcome) -> None:
             DECREASE_COOLDOWN_S,
             BACKOFF_FACTOR,
             LATENCY_BACKOFF_FACTOR,
+            RETRY_WINDOW_S,
         )
     except RedisError:
         logger.warning("flow: could not release %s's permit; it expires", permit.model)

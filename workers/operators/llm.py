@@ -182,11 +182,12 @@ def failure_of(spec: ModelSpec, error: EngineError, *, flow_controlled: bool) ->
 def outcome(
     generation: Generation | None, error: EngineError | None, started_at: float
 ) -> state.Outcome:
-    if generation is None:
-        return routing.outcome_of(error, None, 0)
+    if generation is None:  # nothing was sent: says nothing about the provider
+        return routing.outcome_of(error, None, 0) if error else state.Outcome("neutral")
     used = usage_tokens(generation)
-    if error is None and generation.stop_signal is not None:
-        return state.Outcome("neutral", used_tokens=used)  # stopped by us, not by it
+    if error is None and (generation.stop_signal is not None or generation.finished is None):
+        # Stopped by us, or left by an error of ours (a lost lease): not the provider's doing.
+        return state.Outcome("neutral", used_tokens=used)
     ttft = generation.produced[0][0] - started_at if generation.produced else None
     return routing.outcome_of(error, ttft, used)
 

@@ -1,5 +1,6 @@
 """Runs: start one with inputs, list (filters, cursor pages), get (status, per-node counts,
-tokens and cost), cancel, replay dead steps, read outputs (paged) and one output's lineage."""
+tokens and cost, the steps flow control routed or holds back), cancel, replay dead steps, read
+outputs (paged) and one output's lineage."""
 
 from collections import defaultdict
 from decimal import Decimal
@@ -28,10 +29,14 @@ from apps.runs.models import Event, Run, RunKind, RunStatus, Step, StepStatus
 from apps.runs.replay import replay_dead_steps
 from apps.runs.services import cancel_run, start_run
 from apps.tenants.keys import RUNS_READ, RUNS_WRITE
+from workers.flow.routing import PRIORITIES
 
 # The most events one lineage answer lists: a collect over 20,000 items has that many.
 LINEAGE_LIMIT = 1000
 STEP_STATUSES = [s.value for s in StepStatus]
+# A run's detail lists at most this many of the steps flow control routed or holds back.
+FLOW_STEPS_SHOWN = 100
+PRIORITY_NAMES = {number: name for name, number in PRIORITIES.items()}
 
 
 class TokensSerializer(serializers.Serializer[Any]):
@@ -59,6 +64,39 @@ class RunSummarySerializer(serializers.Serializer[Run]):
     budget_usd = serializers.DecimalField(max_digits=12, decimal_places=6, allow_null=True)
 
 
+class StepRoutingSerializer(serializers.Serializer[Step]):
+    """A step's flow-control fields: which model served it, why, and why it waits."""
+
+    model = serializers.CharField(help_text="The model that served it; empty until one has.")
+    route = serializers.CharField(
+        help_text="Why that model served it, when it was not simply the one asked for"
+        " (a routing rule, a fallback, and why models before it were passed over)."
+    )
+    waiting = serializers.CharField(
+        help_text="While flow control holds it back in the queue (every model it may use"
+        " throttled or its breaker open, or shed for higher-priority work): why. Else empty."
+    )
+    priority = serializers.ChoiceField(
+        choices=list(PRIORITIES), help_text="Its node's priority, for load shedding."
+    )
+
+
+class RoutedStepSerializer(StepRoutingSerializer):
+    id = serializers.UUIDField()
+    node = serializers.CharField()
+    item = serializers.IntegerField(allow_null=True, help_text="Its item in a fan-out.")
+    status = serializers.ChoiceField(choices=StepStatus.choices)
+
+
+class RunFlowSerializer(serializers.Serializer[Any]):
+    steps = RoutedStepSerializer(
+        many=True,
+        help_text="The run's steps with a route or a waiting reason, in the run's order:"
+        f" the first {FLOW_STEPS_SHOWN}.",
+    )
+    truncated = serializers.BooleanField(help_text=f"More than {FLOW_STEPS_SHOWN} such steps.")
+
+
 class RunSerializer(RunSummarySerializer):
     cost_usd = serializers.DecimalField(max_digits=12, decimal_places=6)
     tokens = TokensSerializer()
@@ -66,6 +104,9 @@ class RunSerializer(RunSummarySerializer):
         child=serializers.IntegerField(), help_text="Steps by status, over all nodes."
     )
     nodes = NodeCountsSerializer(many=True)
+    flow = RunFlowSerializer(
+        help_text="Steps served by another model than the one asked for, or waiting for one."
+    )
 
 
 class RunCreateSerializer(serializers.Serializer[Any]):
@@ -112,7 +153,7 @@ class EventSerializer(serializers.Serializer[Event]):
     payload = serializers.JSONField()
 
 
-class LineageStepSerializer(serializers.Serializer[Step]):
+class LineageStepSerializer(StepRoutingSerializer):
     id = serializers.UUIDField()
     node = serializers.CharField()
     type = serializers.CharField()
@@ -145,9 +186,43 @@ def run_summary(run: Run) -> dict[str, Any]:
     }
 
 
+def step_routing(step: Step) -> dict[str, Any]:
+    """StepRoutingSerializer's fields. A priority outside the three names (never written by
+    the platform) is shown as the nearest one."""
+    return {
+        "model": step.model,
+        "route": step.route,
+        "waiting": step.waiting,
+        "priority": PRIORITY_NAMES[min(max(step.priority, 0), len(PRIORITIES) - 1)],
+    }
+
+
+def flow_steps(run: Run) -> dict[str, Any]:
+    """RunFlowSerializer: the run's steps with a route or a waiting reason."""
+    steps = list(
+        Step.objects.filter(run_id=run.id)
+        .exclude(route="", waiting="")  # either one set
+        .only("id", "node_id", "item_index", "status", "model", "route", "waiting", "priority")
+        .order_by("created_at", "node_id", "item_index")[: FLOW_STEPS_SHOWN + 1]
+    )
+    return {
+        "steps": [
+            {
+                "id": step.id,
+                "node": step.node_id,
+                "item": step.item_index,
+                "status": step.status,
+                **step_routing(step),
+            }
+            for step in steps[:FLOW_STEPS_SHOWN]
+        ],
+        "truncated": len(steps) > FLOW_STEPS_SHOWN,
+    }
+
+
 def run_detail(run: Run, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The summary plus steps by node and status, tokens and cost, from `step_totals`
-    (read here if not given)."""
+    (read here if not given), and the steps flow control routed or holds back."""
     rows = step_totals(run) if rows is None else rows
     per_node: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(STEP_STATUSES, 0))
     totals = dict.fromkeys(STEP_STATUSES, 0)
@@ -166,6 +241,7 @@ def run_detail(run: Run, rows: list[dict[str, Any]] | None = None) -> dict[str, 
         "tokens": tokens,
         "steps": totals,
         "nodes": [{"node": node, "counts": per_node[node]} for node in order],
+        "flow": flow_steps(run),
     }
 
 
@@ -329,6 +405,7 @@ class LineageView(TenantAPIView):
                         "attempt": s.attempt,
                         "inputs": s.inputs,
                         "error": s.error,
+                        **step_routing(s),
                     }
                     for s in steps
                 ],
