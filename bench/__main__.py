@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from bench import batching, chain, chaos, ingest, overhead, stream, zombie
+from bench import batching, chain, chaos, ingest, overhead, storm, stream, zombie
 
 BENCHMARKS = {
     "chain": chain.main,
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "batching": batching.main,
     "stream": stream.main,
     "ingest": ingest.main,
+    "storm": storm.main,
 }
 # Sizes only the stream benchmark takes; the others have --quick and their full size.
 STREAM_OPTIONS = ("clients", "rate", "seconds")

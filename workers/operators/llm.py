@@ -156,7 +156,10 @@ def generate_routed(
             tokens.close()
     except EngineError as exc:
         error = exc
-        raise failure_of(spec, exc, flow_controlled=routed.permit is not None) from exc
+        failure = failure_of(spec, exc, flow_controlled=routed.permit is not None)
+        if failure is exc:
+            raise
+        raise failure from exc
     finally:
         if generation is not None:
             usage = usage_of(spec, generation, request, time.monotonic() - started)
