@@ -30,7 +30,7 @@ from apps.runs.replay import ReplayRefused, replay_dead_steps, replayable_reason
 from apps.runs.services import cancel_run
 from apps.tenants.access import membership_of, require_role, tenant_member_required
 from apps.tenants.models import Role
-from workers.flow.routing import PRIORITIES
+from workers.flow.routing import priority_name
 
 STEPS_PER_PAGE = 200
 OUTPUT_PREVIEW_CHARS = 2000
@@ -52,7 +52,6 @@ CATEGORY_OF_STATUS = {
     StepStatus.SKIPPED: "skipped",
 }
 COUNT_WIDTH, COUNT_GAP = 34, 4  # the count boxes along the bottom of a node
-PRIORITY_NAMES = {number: name for name, number in PRIORITIES.items()}
 
 
 def format_seconds(seconds: float) -> str:
@@ -261,7 +260,7 @@ def _step_detail_context(run: Run, step: Step) -> dict[str, object]:
         "step": step,
         "duration": milliseconds(step.duration_ms),
         "operator_time": milliseconds(step.operator_ms),
-        "priority": PRIORITY_NAMES.get(step.priority, str(step.priority)),
+        "priority": priority_name(step.priority),
         "inputs": [LineageEvent(e, _preview(e.payload, LINEAGE_PREVIEW_CHARS), []) for e in inputs],
         "input_count": len(step.inputs),
         "outputs": [

@@ -21,6 +21,14 @@ from workers.inference.registry import ModelSpec
 from workers.operators.base import Deferred, PermanentError
 
 PRIORITIES = {"low": 0, "normal": 1, "high": 2}
+
+
+def priority_name(number: int) -> str:
+    """The name of a step's stored priority (the platform writes only these three)."""
+    names = list(PRIORITIES)
+    return names[min(max(number, 0), len(names) - 1)]
+
+
 WAIT_SLICE_S = 0.25  # the longest sleep between heartbeats while waiting for a permit
 MIN_DEFER_S = 0.2
 SHED_WAIT_S = 2.0  # how long a shed step waits before it looks again

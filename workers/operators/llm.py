@@ -115,11 +115,10 @@ class Generate(Operator):
             attempt=ctx.attempt,
         )
         prompt_tokens = estimate_prompt_tokens(prompt)
-        routing.shed_if_crowded(
-            ctx.models[requested], config.get("priority", "normal"), ctx.waiting_ahead
-        )
+        asked = ctx.models[requested]
+        routing.shed_if_crowded(asked, config.get("priority", "normal"), ctx.waiting_ahead)
         # A step that would cross a budget does not start, on the model asked for.
-        ctx.budget.check_start(ctx.models[requested].cost(prompt_tokens, 0))
+        ctx.budget.check_start(asked.cost(prompt_tokens, 0))
         # Nor one past its deadline or lease. A run stopped meanwhile is caught when the
         # generation registers for stop signals (execution.start_generation).
         ctx.heartbeat()

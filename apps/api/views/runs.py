@@ -29,14 +29,13 @@ from apps.runs.models import Event, Run, RunKind, RunStatus, Step, StepStatus
 from apps.runs.replay import replay_dead_steps
 from apps.runs.services import cancel_run, start_run
 from apps.tenants.keys import RUNS_READ, RUNS_WRITE
-from workers.flow.routing import PRIORITIES
+from workers.flow.routing import PRIORITIES, priority_name
 
 # The most events one lineage answer lists: a collect over 20,000 items has that many.
 LINEAGE_LIMIT = 1000
 STEP_STATUSES = [s.value for s in StepStatus]
 # A run's detail lists at most this many of the steps flow control routed or holds back.
 FLOW_STEPS_SHOWN = 100
-PRIORITY_NAMES = {number: name for name, number in PRIORITIES.items()}
 
 
 class TokensSerializer(serializers.Serializer[Any]):
@@ -193,7 +192,7 @@ def step_routing(step: Step) -> dict[str, Any]:
         "model": step.model,
         "route": step.route,
         "waiting": step.waiting,
-        "priority": PRIORITY_NAMES[min(max(step.priority, 0), len(PRIORITIES) - 1)],
+        "priority": priority_name(step.priority),
     }
 
 
