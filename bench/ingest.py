@@ -306,8 +306,8 @@ def floor_batches(stack: Stack, events: int) -> tuple[list[str], list[str], list
     from django.utils import timezone
 
     from apps.graphs.validation import source_node
+    from apps.runs.engine.settle import new_step
     from apps.runs.models import Event
-    from apps.runs.stepflow import new_step
 
     source = source_node(stack.version.spec)
     run, now = stack.floor_run, timezone.now()

@@ -228,7 +228,7 @@ class Mode:
 
 
 def reset_flow_state() -> None:
-    from workers.control import redis_client
+    from sluice.redis_client import redis_client
 
     client = redis_client()
     keys = list(client.scan_iter(match="sluice:flow:*", count=1000))

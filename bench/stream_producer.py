@@ -4,7 +4,7 @@ One asyncio loop runs the real SimulatedEngine (one decode loop for every reques
 GPU worker's engine host does) with one request per run, and hands each TokenDelta to a
 publisher's token stream, as workers/operators/llm.py does. Before the tokens each run
 gets its step's `running` frame and after them its `done` frame, as the step's
-transitions announce them (apps/runs/transitions.py), so a run's counter exists before
+transitions announce them (apps/runs/engine/store.py), so a run's counter exists before
 its first token, as it does in a real run (whose source step has published frames by
 then).
 
@@ -82,7 +82,7 @@ class FloorPublisher(FeedPublisher):
 
 
 def step_frame(job: Job, status: str) -> dict[str, Any]:
-    """What apps.runs.transitions announces when a step changes status."""
+    """What apps.runs.engine.store announces when a step changes status."""
     return {
         "type": "step",
         "step": job.step_id,

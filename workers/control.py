@@ -12,14 +12,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
-from uuid import UUID
 
 import redis
 from django.conf import settings
 from django.db import connection, transaction
 
+from sluice.redis_client import redis_client
 from workers.inference.host import HOST, EngineHost, StopSignal
 
 logger = logging.getLogger(__name__)
@@ -28,14 +28,9 @@ CHANNEL = "sluice:control"
 # The fallback's pace: a stop whose message was lost still lands within this.
 WATCHDOG_INTERVAL_S = 0.5
 
-_clients: dict[int, redis.Redis] = {}
-
-
-def redis_client() -> redis.Redis:
-    pid = os.getpid()  # a forked child must not share its parent's sockets
-    if pid not in _clients:
-        _clients[pid] = redis.Redis.from_url(settings.REDIS_URL)
-    return _clients[pid]
+# What the watchdog does each interval: the engine's database check of this process's
+# generations (apps.runs.engine.watchdog); returns how many it stopped.
+Watch = Callable[[EngineHost], int]
 
 
 def publish_stop(
@@ -102,14 +97,16 @@ class ControlListener:
         self._pid = 0
         self.subscribed = threading.Event()
 
-    def ensure_running(self) -> None:
+    def ensure_running(self, watch: Watch) -> None:
         with self._lock:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
             self.subscribed.clear()
             threading.Thread(target=self._listen, name="sluice-control", daemon=True).start()
-            threading.Thread(target=self._watch, name="sluice-watchdog", daemon=True).start()
+            threading.Thread(
+                target=self._watch, args=(watch,), name="sluice-watchdog", daemon=True
+            ).start()
         # A stop published before the subscription took would be missed: wait briefly; the
         # watchdog covers a slower start.
         self.subscribed.wait(timeout=2.0)
@@ -136,41 +133,14 @@ class ControlListener:
                 self.subscribed.clear()
                 time.sleep(1.0)
 
-    def _watch(self) -> None:
+    def _watch(self, watch: Watch) -> None:
         while True:
             time.sleep(WATCHDOG_INTERVAL_S)
             try:
-                watch_once(self.host)
+                watch(self.host)
             except Exception:
                 logger.exception("control watchdog failed; will try again")
                 connection.close()
-
-
-def watch_once(host: EngineHost) -> int:
-    """Stops generations whose lease was lost or whose run ended without this process
-    hearing of it. One query for every run this process is generating for."""
-    from apps.runs.leases import KEEPER
-    from apps.runs.models import Run
-    from apps.runs.services import STOP_SIGNALS
-
-    running = host.running()
-    if not running:
-        connection.close()  # idle: hold no database connection
-        return 0
-    stopped = 0
-    for generation in running:
-        if KEEPER.lost(UUID(generation.owner.step_id)):
-            stopped += generation.stop(StopSignal("lease_lost", time.time()))
-    run_ids = {g.owner.run_id for g in running}
-    # Infrastructure, not tenant data: the ids come from this process's own generations.
-    ended = Run.unscoped_all_tenants.filter(id__in=run_ids).exclude(
-        status__in=("queued", "running")
-    )
-    for run_id, status, finished_at in ended.values_list("id", "status", "finished_at"):
-        at = finished_at.timestamp() if finished_at else time.time()
-        kind = STOP_SIGNALS.get(status, status)
-        stopped += host.stop_matching(StopSignal(kind, at), runs={str(run_id)})
-    return stopped
 
 
 LISTENER = ControlListener(HOST)

@@ -21,7 +21,7 @@ from django.utils import timezone
 from apps.api.problems import Overloaded
 from apps.runs.models import CLAIMABLE_STEP_STATUSES, Step
 from apps.tenants.models import ApiKey, Tenant
-from workers.control import redis_client
+from sluice.redis_client import redis_client
 
 # How far back the drain rate looks.
 DRAIN_WINDOW_S = 30

@@ -44,11 +44,12 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from apps.api.models import BatchJob, WebhookStatus
+from apps.runs.engine.states import jittered_backoff_s
 from apps.runs.models import ACTIVE_RUN_STATUSES, Run, RunStatus
-from apps.runs.retries import jittered_backoff_s
 from apps.secrets.crypto import SecretUnreadable, decrypt
 from apps.tenants.context import current_tenant
-from workers.control import redis_client
+from sluice.celery import app
+from sluice.redis_client import redis_client
 from workers.operators.base import PermanentError
 from workers.outbound import (
     HttpResponse,
@@ -58,9 +59,12 @@ from workers.outbound import (
     resolve_target,
     retry_after_s,
 )
+from workers.queues import Queue
 
 logger = logging.getLogger(__name__)
 
+# The task (sluice/tasks.py) that makes one delivery attempt; sent by name.
+DELIVER_JOB_WEBHOOK = "sluice.deliver_job_webhook"
 EVENT_TYPE = "batch_job.finished"
 SIGNATURE_HEADER = "Sluice-Signature"
 DEFAULT_TOLERANCE_S = 300
@@ -140,9 +144,6 @@ def due_jobs(now: datetime, limit: int) -> list[tuple[int, UUID]]:
 
 def enqueue_due(now: datetime | None = None, limit: int = SWEEP_BATCH) -> int:
     """Sends a delivery task for each due job (the sweeper's part: no HTTP here)."""
-    from workers.queues import Queue
-    from workers.tasks import deliver_job_webhook  # the task module imports this one
-
     # While a task waits behind a backlog on the cpu queue its job stays due, and the sweeper
     # runs every second: a marker in Redis keeps it to one message per job until a worker
     # takes it (deliver clears it) or, if that message was lost, SLUICE_REQUEUE_AFTER_S.
@@ -150,7 +151,7 @@ def enqueue_due(now: datetime | None = None, limit: int = SWEEP_BATCH) -> int:
     sent = 0
     for tenant_id, job_id in due_jobs(now or timezone.now(), limit):
         if redis_client().set(ENQUEUED_KEY.format(job_id), 1, nx=True, px=marker_ms):
-            deliver_job_webhook.apply_async(args=(tenant_id, str(job_id)), queue=Queue.CPU.value)
+            app.send_task(DELIVER_JOB_WEBHOOK, args=(tenant_id, str(job_id)), queue=Queue.CPU.value)
             sent += 1
     return sent
 

@@ -18,12 +18,10 @@ from apps.audit.services import Actor
 from apps.graphs.models import GraphVersion
 from apps.graphs.validation import source_node
 from apps.live.publisher import FEED
-from apps.runs.bulk import copy_new_rows
-from apps.runs.dispatch import StepMessage, hand_off_on_commit
+from apps.runs import engine
+from apps.runs.engine import store
 from apps.runs.models import ACTIVE_RUN_STATUSES, Event, Run, RunKind
-from apps.runs.services import InvalidInput, check_input, record_start
-from apps.runs.stepflow import move_open_steps, new_step
-from apps.tenants.quotas import check_run_quotas
+from apps.runs.services import InvalidInput, check_input, check_run_quotas, record_start
 
 
 class Item(NamedTuple):
@@ -57,14 +55,13 @@ def start_batch(
         check_run_quotas(
             version.tenant_id, {**policies, "budget_usd": budget_usd} if budget_usd else policies
         )
-        run = Run.objects.create(
+        run = store.create_run(
             graph_version=version,
             kind=RunKind.BATCH,
             input={"items": len(items)},
             deadline=now + timedelta(seconds=deadline_s) if deadline_s else None,
             budget_usd=budget_usd,
             on_disconnect="detach",
-            open_steps=0,
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
         )
         _add_items(run, version, items, now)
@@ -98,13 +95,8 @@ def _add_items(run: Run, version: GraphVersion, items: list[Item], now: datetime
         )
         for index, item in enumerate(items)
     ]
-    steps = [new_step(run, source, [event.id], []) for event in events]
-    copy_new_rows(events)
-    copy_new_rows(steps)
-    move_open_steps(run, len(steps))
-    hand_off_on_commit(
-        run.tenant_id, [StepMessage(run.tenant_id, step.id, step.queue) for step in steps]
-    )
+    store.copy_new_rows(events)
+    engine.enqueue(run, source, events)
     return events
 
 
@@ -122,7 +114,7 @@ def _open_stream_run(version: GraphVersion, actor: Actor) -> Run:
     if run is not None:
         return run
     check_run_quotas(version.tenant_id, {})
-    run = Run.objects.create(
+    run = store.create_run(
         graph_version=version,
         kind=RunKind.STREAM,
         input={},
@@ -145,4 +137,4 @@ def _release_older_streams(version: GraphVersion) -> None:
         status__in=ACTIVE_RUN_STATUSES,
     ).exclude(graph_version=version)
     for run in older.select_for_update():
-        move_open_steps(run, -1)
+        engine.release_hold(run)

@@ -11,14 +11,13 @@ that succeeded cannot take the item back; such a step is refused.
 from uuid import UUID
 
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from apps.audit.services import Actor, record
-from apps.runs.dispatch import StepMessage, send_on_commit
-from apps.runs.models import FanIn, FanInClosed, Run, RunStatus, Step, StepStatus
-from apps.runs.stepflow import new_step
-from apps.runs.transitions import transition_run, transition_step
+from apps.runs.engine import store
+from apps.runs.engine.outbox import StepMessage, send_on_commit
+from apps.runs.engine.settle import new_step
+from apps.runs.models import FanInClosed, Run, RunStatus, Step, StepStatus
 
 
 class ReplayRefused(ValueError):
@@ -42,28 +41,21 @@ def replay_dead_steps(run: Run, *, actor: Actor, step_ids: list[UUID] | None = N
     if reason:
         raise ReplayRefused(reason)
     with transaction.atomic():
-        dead = Step.objects.select_for_update().filter(run_id=run.id, status=StepStatus.DEAD)
-        if step_ids is not None:
-            dead = dead.filter(id__in=step_ids)
-        steps = list(dead.order_by("created_at", "id"))
+        steps = store.lock_dead_steps(run.id, step_ids)
         if not steps:
             raise ReplayRefused("the run has no dead steps to replay")
         run_failures = sum(_take_back_failure(step) for step in steps)
         # Lock order as in a step's commit: steps, fan-ins innermost out, the run last.
-        locked = Run.objects.select_for_update().get(id=run.id)
+        locked = store.lock_run(run.id)
         if locked.status not in (RunStatus.RUNNING, RunStatus.FAILED):
             raise ReplayRefused(f"the run is {locked.status}")
         for step in steps:
             _requeue(step, run)
         if locked.status == RunStatus.FAILED:
-            transition_run(
+            store.transition_run(
                 run, from_=(RunStatus.FAILED,), to=RunStatus.RUNNING, error="", finished_at=None
             )
-        Run.objects.filter(id=run.id).update(
-            open_steps=F("open_steps") + len(steps),
-            failures=F("failures") - run_failures,
-            retries=0,  # a fresh budget: the replay is a decision, not a retry storm
-        )
+        store.reopen_for_replay(run, steps=len(steps), failures_taken_back=run_failures)
         record(
             tenant=run.tenant,
             actor=actor,
@@ -81,7 +73,7 @@ def _take_back_failure(step: Step) -> int:
     """Undo what settling this dead step did to its scopes, innermost out; returns 1 if the
     failure had reached the run itself."""
     for entry in reversed(step.scopes):
-        fanin = FanIn.objects.select_for_update().get(fanout_step_id=UUID(entry[0]))
+        fanin = store.lock_fanin(UUID(entry[0]))
         if fanin.closed == FanInClosed.COLLECTED:
             raise ReplayRefused(
                 f"step {step.node_id} (item {step.item_index}) cannot be replayed: the collect"
@@ -94,7 +86,7 @@ def _take_back_failure(step: Step) -> int:
         fanin.pending += 1
         fanin.failed -= 1
         fanin.closed = FanInClosed.OPEN
-        fanin.save(update_fields=["pending", "failed", "closed"])
+        store.save_fanin(fanin, "pending", "failed", "closed")
         if not was_closed:
             return 0  # still open: outer scopes never heard of this failure
     return 1
@@ -103,7 +95,7 @@ def _take_back_failure(step: Step) -> int:
 def _requeue(step: Step, run: Run) -> None:
     # What a newly created step of this node would get: attempts, deadline, enqueue time.
     fresh = new_step(run, run.nodes[step.node_id], step.inputs, step.scopes)
-    transition_step(
+    store.transition_step(
         step,
         from_=(StepStatus.DEAD,),
         to=StepStatus.QUEUED,

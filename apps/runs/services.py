@@ -9,7 +9,6 @@ from typing import Any
 
 import jsonschema
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from apps.audit.services import Actor, actor_label, record
@@ -17,23 +16,13 @@ from apps.graphs.access import version_spec
 from apps.graphs.models import GraphVersion
 from apps.graphs.validation import source_node
 from apps.live.publisher import FEED
-from apps.runs.dispatch import StepMessage, send_on_commit
-from apps.runs.models import (
-    ACTIVE_RUN_STATUSES,
-    CLAIMABLE_STEP_STATUSES,
-    Event,
-    Run,
-    RunKind,
-    RunStatus,
-    Step,
-)
-from apps.runs.stepflow import DEADLINE, new_step
-from apps.runs.transitions import skip_waiting_steps, transition_run
-from apps.tenants.quotas import check_run_quotas
-from workers.control import publish_stop_on_commit
+from apps.runs import engine
+from apps.runs.engine import store
+from apps.runs.models import ACTIVE_RUN_STATUSES, Event, Run, RunKind, RunStatus
+from apps.tenants.models import Tenant
+from apps.tenants.quotas import usd
 
 MAX_INPUT_BYTES = 1024 * 1024
-BUDGET_SKIP = "budget exceeded"
 
 
 class InvalidInput(ValueError):
@@ -63,6 +52,42 @@ def check_input(version: GraphVersion, payload: Any) -> dict[str, Any]:
     return payload
 
 
+def check_run_quotas(tenant_id: int, policies: dict[str, Any]) -> None:
+    """Raises InvalidInput when a new run of a graph with these
+    policies would break one of the tenant's quotas. Call inside the transaction that
+    creates the run. The tenant is read afresh: a Tenant cached on a graph version may
+    predate a change in Settings."""
+    tenant = Tenant.objects.only("name", "max_active_runs", "max_run_budget_usd").get(pk=tenant_id)
+
+    if tenant.max_active_runs is not None:
+        # Starts of this tenant's runs queue here until the one ahead has committed its run.
+        list(Tenant.objects.select_for_update().filter(pk=tenant_id).values_list("pk"))
+        active = Run.unscoped_all_tenants.filter(
+            tenant_id=tenant.pk, status__in=ACTIVE_RUN_STATUSES
+        ).count()
+        if active >= tenant.max_active_runs:
+            raise InvalidInput(
+                f"{tenant.name} has {active} run{'s' if active != 1 else ''} active; its limit"
+                f" is {tenant.max_active_runs}. Wait for one to finish or raise the limit in"
+                " Settings."
+            )
+    if tenant.max_run_budget_usd is not None:
+        limit = tenant.max_run_budget_usd
+        if "budget_usd" not in policies:
+            raise InvalidInput(
+                f"{tenant.name} allows at most {usd(limit)} per run, and this graph sets no"
+                f" policies.budget_usd. Set one of at most {usd(limit)} in the graph, or clear"
+                " the limit in Settings."
+            )
+        asked = Decimal(str(policies["budget_usd"]))
+        if asked > limit:
+            raise InvalidInput(
+                f"This graph's policies.budget_usd is {usd(asked)}; {tenant.name} allows at"
+                f" most {usd(limit)} per run. Lower it in the graph or raise the limit in"
+                " Settings."
+            )
+
+
 def start_run(
     *, version: GraphVersion, payload: Any, actor: Actor, kind: RunKind = RunKind.INTERACTIVE
 ) -> Run:
@@ -72,7 +97,7 @@ def start_run(
     now = timezone.now()
     with transaction.atomic():
         check_run_quotas(version.tenant_id, policies)
-        run = Run.objects.create(
+        run = store.create_run(
             graph_version=version,
             kind=kind,
             input=payload,
@@ -80,16 +105,13 @@ def start_run(
             budget_usd=Decimal(str(policies["budget_usd"])) if "budget_usd" in policies else None,
             on_disconnect=policies.get("on_disconnect", "detach"),
             disconnect_grace_s=policies.get("disconnect_grace_s"),
-            open_steps=1,
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
         )
         event = Event.objects.create(
             run=run, node_id="input", port="out", payload=payload, event_time=now
         )
-        step = new_step(run, source_node(version.spec), [event.id], [])
-        step.save()
+        engine.enqueue(run, source_node(version.spec), [event])
         record_start(run, version, actor)
-        send_on_commit([StepMessage(run.tenant_id, step.id, step.queue)])
         transaction.on_commit(lambda: FEED.run_started(run.id))  # its live feed, numbered from 1
     return run
 
@@ -111,82 +133,9 @@ def record_start(run: Run, version: GraphVersion, actor: Actor, **details: Any) 
     )
 
 
-STOP_ACTIONS: dict[str, str] = {
-    RunStatus.CANCELLED: "run.cancel",
-    RunStatus.FAILED: "run.expire",
-    RunStatus.BUDGET_EXCEEDED: "run.budget_exceeded",
-}
-
-
-# The stop signal each ending sends to the engines (operators.base.stop_exception): a run
-# stopped for failing only ever fails by expiring.
-STOP_SIGNALS: dict[str, str] = {
-    RunStatus.CANCELLED: "cancelled",
-    RunStatus.FAILED: "deadline",
-    RunStatus.BUDGET_EXCEEDED: "budget_exceeded",
-}
-
-
-def stop_run(
-    run: Run, *, to: str, reason: str, actor: Actor, skip_reason: str | None = None
-) -> bool:
-    """Cancel (or expire) a run: it stops at once; waiting steps are skipped (with
-    `skip_reason`, else `reason`); engines generating for it abort within a decode step
-    (the control channel), other running steps learn of it at their next heartbeat, and
-    none commits anything. False if it had already ended."""
-    now = timezone.now()
-    with transaction.atomic():
-        stopped = transition_run(
-            run, from_=ACTIVE_RUN_STATUSES, to=to, error=reason, finished_at=now
-        )
-        if stopped:
-            # Engines generating for this run abort within a decode step, not at the next
-            # heartbeat (workers/control.py).
-            publish_stop_on_commit(STOP_SIGNALS[to], runs=[run.id], detail=reason)
-            record(
-                tenant=run.tenant,
-                actor=actor,
-                action=STOP_ACTIONS[to],
-                target_type="run",
-                target_id=run.id,
-                before={"status": run.status},
-                after={"status": to, "reason": reason},
-            )
-    if stopped:
-        skip_waiting(run, skip_reason or reason)
-    return stopped
-
-
-def skip_waiting(run: Run, reason: str) -> None:
-    """Skips the run's queued steps. A step locked by a worker mid-claim is passed over here;
-    that worker sees the stopped run and skips it itself."""
-    with transaction.atomic():
-        waiting = list(
-            Step.objects.select_for_update(skip_locked=True)
-            .filter(run_id=run.id, status__in=CLAIMABLE_STEP_STATUSES)
-            .values_list("id", flat=True)
-        )
-        skipped = skip_waiting_steps(waiting, reason=reason, finished_at=timezone.now())
-        Run.objects.filter(id=run.id).update(open_steps=F("open_steps") - skipped)
-
-
-def expire_run(run: Run) -> bool:
-    """The run's deadline passed: it fails, and its waiting steps are skipped as `deadline`."""
-    return stop_run(
-        run, to=RunStatus.FAILED, reason="deadline passed", skip_reason=DEADLINE, actor=None
-    )
-
-
 def cancel_run(run: Run, *, actor: Actor) -> bool:
-    return stop_run(
+    return engine.stop_run(
         run, to=RunStatus.CANCELLED, reason=f"cancelled by {actor_label(actor)}", actor=actor
-    )
-
-
-def exceed_budget(run: Run, reason: str) -> bool:
-    """A budget was crossed: the run ends `budget_exceeded`, its error stating the figure."""
-    return stop_run(
-        run, to=RunStatus.BUDGET_EXCEEDED, reason=reason, skip_reason=BUDGET_SKIP, actor=None
     )
 
 
@@ -197,4 +146,4 @@ def cancel_abandoned(run: Run, *, viewers_gone_s: float) -> bool:
     if run.on_disconnect != "cancel":
         return False
     reason = f"cancelled: no viewer for {viewers_gone_s:.0f}s (on_disconnect: cancel)"
-    return stop_run(run, to=RunStatus.CANCELLED, reason=reason, actor=None)
+    return engine.stop_run(run, to=RunStatus.CANCELLED, reason=reason, actor=None)

@@ -3,7 +3,7 @@ in, so a page re-rendered with an error does not echo it."""
 
 from django import forms
 
-from apps.secrets.names import NAME_RULE
+from workers.secret_names import NAME_RULE
 
 VALUE_WIDGET = forms.PasswordInput(
     render_value=False,

@@ -2,8 +2,8 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 
-from apps.secrets.names import NAME_PATTERN, NAME_RULE
 from apps.tenants.models import TenantModel
+from workers.secret_names import NAME_PATTERN, NAME_RULE
 
 
 class Secret(TenantModel):

@@ -1,13 +1,14 @@
 """Writes to tenant secrets (each one transaction with its audit row, which names the secret
-and never holds its value), and `secret_value`, the one way workers read a value."""
+and never holds its value). The reads live in access.py and are re-exported here."""
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 
 from apps.audit.services import Actor, record
-from apps.secrets.crypto import SecretUnreadable, decrypt, encrypt
+from apps.secrets.access import SecretMissing, secret_value
+from apps.secrets.crypto import SecretUnreadable, encrypt
 from apps.secrets.models import Secret
-from apps.secrets.names import name_problem
+from workers.secret_names import name_problem
 
 MAX_VALUE_CHARS = 8192
 
@@ -28,10 +29,6 @@ class SecretInvalid(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
-
-
-class SecretMissing(LookupError):
-    """No secret of that name in the current tenant."""
 
 
 def check_value(value: str) -> str:
@@ -105,15 +102,3 @@ def delete_secret(secret: Secret, *, actor: Actor) -> None:
             before={"name": secret.name},
         )
         Secret.objects.filter(pk=secret.pk).delete()
-
-
-def secret_value(name: str) -> str:
-    """The plaintext of the current tenant's secret `name` (fails closed with no tenant).
-    Raises SecretMissing or SecretUnreadable, whose messages name the secret, not the value."""
-    token = Secret.objects.filter(name=name).values_list("ciphertext", flat=True).first()
-    if token is None:
-        raise SecretMissing(
-            f"secret {name!r} does not exist in this tenant; an owner can add it on the"
-            " Secrets page"
-        )
-    return decrypt(token, name=name)

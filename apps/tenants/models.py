@@ -10,6 +10,8 @@ from django.db import models
 from django.utils import timezone
 
 from apps.tenants.context import current_tenant
+from apps.tenants.quotas import QUOTA_FIELDS, check_quota_value
+from workers.inference.registry import RegistryError, check_overrides
 
 
 class Tenant(models.Model):
@@ -42,9 +44,6 @@ class Tenant(models.Model):
     def clean(self) -> None:
         # Which fields a tenant may override is the registry's rule (no engine, no params).
         # The quotas' bounds are the Settings page's, for the admin too.
-        from apps.tenants.quotas import QUOTA_FIELDS, check_quota_value
-        from workers.inference.registry import RegistryError, check_overrides
-
         errors = {
             name: problem
             for name in QUOTA_FIELDS

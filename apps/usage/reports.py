@@ -11,7 +11,7 @@ from django.db.models import Count, F, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from apps.runs.budgets import month_start, month_usage
+from apps.runs.engine.budgets import month_start, month_usage
 from apps.runs.models import Usage
 from apps.tenants.context import current_tenant
 
@@ -157,7 +157,7 @@ class BudgetStatus:
 
 def budget_status(*, now: datetime | None = None) -> BudgetStatus:
     """The current tenant's monthly budget and what it spent this month, as the workers'
-    budget check counts it (apps.runs.budgets)."""
+    budget check counts it (apps.runs.engine.budgets)."""
     now = (now or timezone.now()).astimezone(UTC)
     tenant = current_tenant()
     spent = month_usage(tenant.pk, now).aggregate(total=Sum("cost_usd"))["total"]

@@ -54,7 +54,7 @@ from apps.api.parsers import JSON_LINES
 from apps.api.views.graphs import profile_from
 from apps.audit.services import Actor
 from apps.graphs.models import GraphVersion
-from apps.runs.execution import execute
+from apps.runs.engine import execute
 from apps.runs.models import CLAIMABLE_STEP_STATUSES, Event, Run, RunStatus, Step
 from apps.runs.services import start_run
 from apps.tenants.api_keys import create_api_key
@@ -162,7 +162,7 @@ def bearer(tenant: Tenant, actor: Actor) -> str:
 def run_steps(run: Run) -> None:
     """Runs the run's steps here, as a worker would (none runs in this test), to the end."""
     while step := Step.objects.filter(run=run, status__in=CLAIMABLE_STEP_STATUSES).first():
-        execute(step.id, "schemathesis", inline_queue=None)
+        execute(step.id, "schemathesis", own_queue=None)
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.error
 

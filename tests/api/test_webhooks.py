@@ -342,12 +342,13 @@ def test_due_jobs_spans_tenants_and_deliver_stays_in_its_own(
 def test_enqueue_due_sends_one_task_per_job_until_a_worker_takes_it(
     world: World, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.tasks import deliver_job_webhook
-
     sent: list[tuple[Any, Any]] = []
-    monkeypatch.setattr(
-        deliver_job_webhook, "apply_async", lambda args, queue: sent.append((args, queue))
-    )
+
+    def send_task(name: str, args: Any, queue: str) -> None:
+        assert name == "sluice.deliver_job_webhook"  # the task's name is the contract
+        sent.append((args, queue))
+
+    monkeypatch.setattr(webhooks.app, "send_task", send_task)
     allow_loopback(world.acme)
     job = batch_job(world, receiver.url)
     assert webhooks.enqueue_due() == 1

@@ -9,9 +9,9 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 
 from apps.graphs.models import StreamGraph
+from apps.runs.engine.outputs import record_usage, write_table_row
 from apps.runs.models import Run, Step
 from apps.runs.services import start_run
-from apps.runs.writes import record_usage, write_table_row
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
 from tests.conftest import World

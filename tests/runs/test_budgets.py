@@ -15,10 +15,10 @@ import redis
 from django.conf import settings
 
 from apps.graphs.services import create_graph
-from apps.runs.budgets import NANO, Budget, budget_for, month_start
+from apps.runs.engine.budgets import NANO, Budget, budget_for, month_start
+from apps.runs.engine.outputs import record_usage
 from apps.runs.models import Run, Step, Usage
 from apps.runs.services import start_run
-from apps.runs.writes import record_usage
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
 from apps.tenants.services import create_tenant

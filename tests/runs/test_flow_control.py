@@ -18,11 +18,11 @@ from django.test import override_settings
 from apps.runs.models import Run, RunStatus, Step
 from apps.runs.services import start_run
 from apps.tenants.context import tenant_context
+from sluice.redis_client import redis_client
 from tests.conftest import World
 from tests.harness.fake_openai import FakeOpenAI, Fault, StreamRecord
 from tests.harness.platform import Platform
 from tests.runs.helpers import wait_for_run, wait_until
-from workers.control import redis_client
 from workers.flow.state import Outcome, Permit, acquire, release
 from workers.inference.registry import platform_models
 from workers.queues import CPU_WORKER_QUEUES

@@ -7,11 +7,12 @@ from uuid import uuid4
 
 import pytest
 
-from apps.runs import effects
+from apps.runs.engine import effects
+from apps.runs.engine.retries import dead_or_retry
+from apps.runs.engine.states import retry_delay_s
+from apps.runs.engine.store import transition_step
 from apps.runs.models import Effect, EffectStatus, Step, StepStatus
-from apps.runs.retries import give_up_reason, retry_delay_s
 from apps.runs.services import start_run
-from apps.runs.transitions import transition_step
 from apps.tenants.context import tenant_context
 from tests.conftest import World
 from workers.operators.base import LeaseLost, PermanentError
@@ -128,13 +129,11 @@ def test_the_retry_budget_decides_between_retrying_and_dead_lettering(
 ) -> None:
     settings.SLUICE_RETRY_BUDGET_RATIO = 0.0
     settings.SLUICE_RETRY_BUDGET_MIN = 1
-    run_id, tenant_id = step.run_id, step.tenant_id
+    run = step.run
     with tenant_context(world.acme):
-        assert give_up_reason(run_id, tenant_id, 1, 3, "boom", permanent=True) == (
-            "attempt 1/3: boom"
-        )
-        assert give_up_reason(run_id, tenant_id, 3, 3, "boom") == "attempt 3/3: boom"
-        assert give_up_reason(run_id, tenant_id, 1, 3, "boom") is None  # the one retry
-        assert give_up_reason(run_id, tenant_id, 2, 3, "boom") == (
+        assert dead_or_retry(run, 1, 3, "boom", permanent=True) == "attempt 1/3: boom"
+        assert dead_or_retry(run, 3, 3, "boom", permanent=False) == "attempt 3/3: boom"
+        assert dead_or_retry(run, 1, 3, "boom", permanent=False) is None  # the one retry
+        assert dead_or_retry(run, 2, 3, "boom", permanent=False) == (
             "attempt 2/3: boom; not retried: the run's retry budget is spent (0% of its steps + 1)"
         )

@@ -88,7 +88,7 @@ def test_a_lost_message_is_resent_by_the_sweeper(world: World, platform: object)
         "edges": [["in", "store"]],
     }
     graph = world.graph("lossy", spec)
-    with tenant_context(world.acme), mock.patch("apps.runs.dispatch.send_now") as lost:
+    with tenant_context(world.acme), mock.patch("apps.runs.engine.outbox.send_now") as lost:
         run = start_run(version=graph.live_version(), payload={"n": 1}, actor=world.owner)
     assert lost.call_count == 1  # the broker never saw it
     run = wait_for_run(run, timeout=30)

@@ -7,10 +7,10 @@ from uuid import UUID
 import pytest
 from django.utils import timezone
 
+from apps.runs.engine.store import transition_run
 from apps.runs.models import FanIn, FanInClosed, Run, RunStatus, Step, StepStatus
 from apps.runs.replay import ReplayRefused, replay_dead_steps
 from apps.runs.services import cancel_run, start_run
-from apps.runs.transitions import transition_run
 from apps.tenants.context import tenant_context
 from tests.conftest import World
 

@@ -19,9 +19,9 @@ from apps.graphs.validation import validate_spec
 from apps.runs.models import Run, RunStatus, Step, StepStatus, Usage
 from apps.runs.services import start_run
 from apps.tenants.context import tenant_context
+from sluice.tasks import execute_step
 from tests.conftest import World
 from tests.runs.helpers import wait_for_run
-from workers.tasks import execute_step
 
 SPEC: dict[str, Any] = {
     "nodes": [

@@ -19,12 +19,12 @@ from apps.runs.models import Run, Step, StepStatus
 from apps.runs.services import start_run
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
+from sluice.tasks import execute_step
 from tests.conftest import World
 from tests.web.test_pages import LLM_SPEC, logged_in, sign_in, text
 from workers.flow.config import FlowConfig
 from workers.flow.state import Outcome, Permit, acquire, release
 from workers.inference.registry import platform_models
-from workers.tasks import execute_step
 
 PAGE = reverse("runs:providers")
 FIGURES = reverse("runs:provider-figures")

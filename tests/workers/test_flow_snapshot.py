@@ -7,7 +7,7 @@ import time
 import uuid
 from decimal import Decimal
 
-from workers.control import redis_client
+from sluice.redis_client import redis_client
 from workers.flow.config import RETRY_WINDOW_S, FlowConfig
 from workers.flow.snapshot import FlowFigures, ModelFlow, provider_states
 from workers.flow.state import BUCKET_S, Outcome, Permit, acquire, release

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from workers.control import redis_client
+from sluice.redis_client import redis_client
 from workers.flow.config import RETRY_WINDOW_S, FlowConfig, FlowConfigError, parse_flow
 from workers.flow.state import Denial, Outcome, Permit, acquire, keys, release
 

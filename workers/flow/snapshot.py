@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from workers.control import redis_client
+from sluice.redis_client import redis_client
 from workers.flow.config import RETRY_WINDOW_S, FlowConfig
 from workers.flow.state import BUCKET_S, keys
 from workers.inference.registry import ModelSpec

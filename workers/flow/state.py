@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from workers.control import redis_client
+from sluice.redis_client import redis_client
 from workers.flow.config import RETRY_WINDOW_S, FlowConfig
 
 logger = logging.getLogger(__name__)

@@ -157,6 +157,15 @@ def no_effects(name: str, request: JSON, call: Callable[[str], JSON]) -> JSON:
     raise RuntimeError("this step context has no effect ledger")
 
 
+class SecretNotAvailable(LookupError):
+    """The tenant has no secret of that name, or its value cannot be decrypted; the message
+    names the secret and what to do, never the value."""
+
+
+def no_secrets(name: str) -> str:
+    raise SecretNotAvailable(f"secret {name!r}: this step context reads no secrets")
+
+
 @dataclass(frozen=True)
 class StepContext:
     run_id: str
@@ -171,6 +180,8 @@ class StepContext:
     perform_effect: EffectRunner = no_effects
     # Hosts this tenant lets outbound HTTP reach although they resolve to private addresses.
     outbound_allowlist: frozenset[str] = frozenset()
+    # read_secret(name): the plaintext of the tenant's secret; raises SecretNotAvailable.
+    read_secret: Callable[[str], str] = no_secrets
     # For a collect: the items of its fan-out that failed, when its policy collects anyway.
     failures: tuple[JSON, ...] = ()
     # Inference: the model registry as this tenant sees it, how to start a generation owned

@@ -13,13 +13,13 @@ from typing import Any
 
 from django.conf import settings
 
-from apps.secrets.names import NAME_SCHEMA
 from workers.operators.base import (
     JSON,
     InputEvent,
     Operator,
     Output,
     PermanentError,
+    SecretNotAvailable,
     SpecIssue,
     StepContext,
     StepResult,
@@ -28,6 +28,7 @@ from workers.operators.base import (
 from workers.operators.builtin import FIELD_NAME, only_input, template_variables
 from workers.operators.templating import render, syntax_error
 from workers.outbound import HttpResponse, classify, request_json, resolve_target
+from workers.secret_names import NAME_SCHEMA
 
 DEFAULT_TIMEOUT_S = 10.0
 RESPONSE_EXCERPT_CHARS = 300
@@ -73,7 +74,7 @@ class HttpOperator(Operator):
             settings.SLUICE_HTTP_MAX_TIMEOUT_S,
         )
         # Also before the ledger: a missing secret is fixed on the Secrets page, not retried.
-        secret = _auth_secret(ctx.config.get("auth_secret"))
+        secret = _auth_secret(ctx, ctx.config.get("auth_secret"))
         ctx.heartbeat()
 
         def send(idempotency_key: str) -> JSON:
@@ -96,16 +97,13 @@ class HttpOperator(Operator):
         return recorded["body"]
 
 
-def _auth_secret(name: str | None) -> str | None:
-    """The value of the tenant's secret `name` (the task's tenant context is current)."""
+def _auth_secret(ctx: StepContext, name: str | None) -> str | None:
+    """The value of the tenant's secret `name`, from the step's context."""
     if not name:
         return None
-    # Imported here: operators load while Django's app registry is still filling.
-    from apps.secrets.services import SecretMissing, SecretUnreadable, secret_value
-
     try:
-        value = secret_value(name)
-    except (SecretMissing, SecretUnreadable) as exc:
+        value = ctx.read_secret(name)
+    except SecretNotAvailable as exc:
         raise PermanentError(f"auth_secret: {exc}") from None
     if not value.isascii():
         raise PermanentError(

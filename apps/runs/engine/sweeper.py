@@ -5,12 +5,18 @@ message went missing, and runs past their deadline."""
 import logging
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from apps.runs.dispatch import RECOVERY_PRIORITY, StepMessage, send_now, send_on_commit
+from apps.runs.engine import store
+from apps.runs.engine.outbox import RECOVERY_PRIORITY, StepMessage, send_now, send_on_commit
+from apps.runs.engine.retries import dead_or_retry
+from apps.runs.engine.settle import Routing, settle
+from apps.runs.engine.states import attempt_label
+from apps.runs.engine.stop import expire_run
 from apps.runs.models import (
     ACTIVE_RUN_STATUSES,
     CLAIMABLE_STEP_STATUSES,
@@ -18,12 +24,9 @@ from apps.runs.models import (
     Step,
     StepStatus,
 )
-from apps.runs.retries import give_up_reason
-from apps.runs.services import expire_run
-from apps.runs.stepflow import Routing, settle
-from apps.runs.transitions import transition_step
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
+from sluice.celery import app
 
 logger = logging.getLogger(__name__)
 BATCH = 500
@@ -53,22 +56,18 @@ def _expired_leases() -> int:
     return count
 
 
-def release_expired_lease(step_id: object) -> int:
+def release_expired_lease(step_id: UUID) -> int:
     """The worker holding this step is gone: try again elsewhere, or dead-letter it."""
     with transaction.atomic():
-        step = (
-            Step.objects.select_for_update(skip_locked=True)
-            .filter(id=step_id, status=StepStatus.RUNNING, lease_until__lt=timezone.now())
-            .first()
-        )
+        step = store.lock_expired_step(step_id, timezone.now())
         if step is None:
             return 0
         run = Run.objects.defer("input").get(id=step.run_id)
         lost = f"worker {step.worker} lost (lease expired)"
         logger.warning("step %s: attempt %s: %s", step.id, step.attempt, lost)
-        dead = give_up_reason(run.id, run.tenant_id, step.attempt, step.max_attempts, lost)
+        dead = dead_or_retry(run, step.attempt, step.max_attempts, lost, permanent=False)
         if dead is not None:
-            transition_step(
+            store.transition_step(
                 step,
                 from_=(StepStatus.RUNNING,),
                 to=StepStatus.DEAD,
@@ -78,11 +77,11 @@ def release_expired_lease(step_id: object) -> int:
             )
             send_on_commit(settle(step, run, Routing(), failed=True))
             return 1
-        transition_step(
+        store.transition_step(
             step,
             from_=(StepStatus.RUNNING,),
             to=StepStatus.QUEUED,
-            error=f"attempt {step.attempt}/{step.max_attempts}: {lost}",
+            error=attempt_label(step.attempt, step.max_attempts, lost),
             lease_until=None,
             lease_token=None,
             enqueued_at=timezone.now(),
@@ -107,14 +106,12 @@ def _lost_messages() -> int:
     resent = [c for c in candidates if c[2] in drained]
     for tenant_id, step_id, queue in resent:
         send_now(StepMessage(tenant_id, step_id, queue, priority=RECOVERY_PRIORITY))
-    Step.unscoped_all_tenants.filter(id__in=[r[1] for r in resent]).update(enqueued_at=now)
+    store.mark_resent([r[1] for r in resent], now)
     return len(resent)
 
 
 def broker_queue_depth(queue: str) -> int:
     """Messages waiting in the broker's queue (not counting those workers hold)."""
-    from sluice.celery import app
-
     with app.connection_for_read() as connection:
         try:
             channel: Any = connection.default_channel

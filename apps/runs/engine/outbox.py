@@ -1,11 +1,18 @@
 """Sending "step S may be ready" messages. Always after commit: a worker must never find a
-message for a step it cannot yet see."""
+message for a step it cannot yet see. Messages go out by task name (sluice/tasks.py defines
+the tasks, above every layer), so the engine never imports its own entry points."""
 
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from django.db import transaction
+
+from sluice.celery import app
+from workers.queues import CONTROL_QUEUE
+
+EXECUTE_STEP = "sluice.execute_step"
+SEND_STEP_MESSAGES = "sluice.send_step_messages"
 
 # Broker priorities (on Redis, a lower number is served first). A step re-queued because its
 # worker died has already waited a whole lease: it goes ahead of the backlog (a fan-out's
@@ -24,9 +31,8 @@ class StepMessage:
 
 
 def send_now(message: StepMessage, producer: Any = None) -> None:
-    from workers.tasks import execute_step  # the task module imports this one
-
-    execute_step.apply_async(
+    app.send_task(
+        EXECUTE_STEP,
         args=(message.tenant_id, str(message.step_id)),
         queue=message.queue,
         countdown=message.countdown_s,
@@ -60,16 +66,11 @@ def hand_off_on_commit(tenant_id: int, messages: list[StepMessage]) -> None:
 
 
 def _send_hand_off(tenant_id: int, listed: list[list[str]]) -> None:
-    from workers.queues import CONTROL_QUEUE
-    from workers.tasks import send_step_messages  # the task module imports this one
-
-    send_step_messages.apply_async(args=(tenant_id, listed), queue=CONTROL_QUEUE)
+    app.send_task(SEND_STEP_MESSAGES, args=(tenant_id, listed), queue=CONTROL_QUEUE)
 
 
 def send_all(tenant_id: int, listed: list[list[str]]) -> None:
     """What the hand-off task does: one message per step, over one broker connection."""
-    from workers.tasks import execute_step
-
-    with execute_step.app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer:
         for step_id, queue in listed:
             send_now(StepMessage(tenant_id, UUID(step_id), queue), producer)

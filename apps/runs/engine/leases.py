@@ -10,14 +10,20 @@ leases run out; the sweeper then re-enqueues the steps.
 import logging
 import os
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from apps.runs.engine import store
+
 logger = logging.getLogger(__name__)
+
+
+def lease_until() -> datetime:
+    return timezone.now() + timedelta(seconds=settings.SLUICE_STEP_LEASE_S)
 
 
 class LeaseKeeper:
@@ -72,17 +78,7 @@ class LeaseKeeper:
             held = dict(self._held)
         if not held:
             return
-        until = timezone.now() + timedelta(seconds=settings.SLUICE_STEP_LEASE_S)
-        with connection.cursor() as cursor:
-            # Infrastructure, not tenant data: rows are matched by id and this worker's lease
-            # token, which only this process knows.
-            cursor.execute(
-                "UPDATE runs_step SET lease_until = %s"
-                " WHERE status = 'running' AND (id, lease_token) IN"
-                " (SELECT * FROM unnest(%s::uuid[], %s::uuid[])) RETURNING id",
-                [until, list(held), list(held.values())],
-            )
-            renewed = {row[0] for row in cursor.fetchall()}
+        renewed = store.renew_leases(held, lease_until())
         with self._lock:
             for step_id, token in held.items():
                 if step_id not in renewed and self._held.get(step_id) == token:

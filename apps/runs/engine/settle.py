@@ -10,21 +10,17 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-from django.db import connection
-from django.db.models import Q
 from django.utils import timezone
 
 from apps.graphs.validation import downstream, node_max_attempts, node_queue, node_ttl_s
-from apps.runs.dispatch import StepMessage
-from apps.runs.models import FanIn, FanInArrival, FanInClosed, Run, RunStatus, Step, StepStatus
-from apps.runs.transitions import transition_run
+from apps.runs.engine import store
+from apps.runs.engine.outbox import StepMessage
+from apps.runs.engine.store import FAILED_STEP
+from apps.runs.models import FanIn, FanInClosed, Run, Step
 from workers.flow.routing import PRIORITIES
 from workers.operators import REGISTRY
 from workers.operators.base import PermanentError
 from workers.operators.builtin import collects_failures
-
-# The skip reason of a step that ran out of time (its node's ttl_s or the run's deadline).
-DEADLINE = "deadline"
 
 Scopes = list[list[Any]]
 
@@ -93,7 +89,7 @@ def scope_entry(scopes: Scopes, fanout_node_id: str) -> list[Any] | None:
 def open_fanin(step: Step, run: Run, routing: Routing) -> None:
     """A fan-out step's items form a new scope; its fan-in starts with nothing pending."""
     routing.opened_scope = step.id
-    FanIn.objects.create(
+    store.create_fanin(
         tenant_id=run.tenant_id,
         fanout_step=step,
         run=run,
@@ -113,8 +109,8 @@ def settle(step: Step, run: Run, routing: Routing, *, failed: bool = False) -> l
     if run.is_active:
         fired, run_failures = _move_fanins(step, run, routing, failed)
         created += fired
-    Step.objects.bulk_create(created)
-    _move_open_steps(run, len(created) - 1, run_failures)
+    store.create_steps(created)
+    store.move_open_steps(run, len(created) - 1, run_failures)
     return [StepMessage(run.tenant_id, s.id, s.queue) for s in created]
 
 
@@ -138,23 +134,18 @@ def _move_fanins(step: Step, run: Run, routing: Routing, failed: bool) -> tuple[
     settled = []
     # Arrivals first, everywhere, so no collect fires without an item this step delivered.
     for scope_id in touched:
-        fanin = FanIn.objects.select_for_update().get(fanout_step_id=scope_id)
+        fanin = store.lock_fanin(scope_id)
         fanin.pending += deltas.get(scope_id, 0)
         if failed and scope_id == step.scope:
             fanin.failed += 1
-        fanin.save(update_fields=["pending", "failed"])
-        FanInArrival.objects.bulk_create(
-            FanInArrival(tenant_id=run.tenant_id, fanin=fanin, event_id=event_id)
-            for event_id in routing.arrivals.get(scope_id, [])
-        )
+        store.save_fanin(fanin, "pending", "failed")
+        store.add_arrivals(fanin, routing.arrivals.get(scope_id, []))
         if fanin.pending == 0:
             settled.append(scope_id)
     fired: list[Step] = []
     run_failures = 0
     for scope_id in settled:
-        steps, failures = _close(
-            FanIn.objects.select_for_update().get(fanout_step_id=scope_id), run
-        )
+        steps, failures = _close(store.lock_fanin(scope_id), run)
         fired += steps
         run_failures += failures
     return fired, run_failures
@@ -173,21 +164,18 @@ def _close(fanin: FanIn, run: Run) -> tuple[list[Step], int]:
         step = new_step(run, collect, arrived, fanin.parent_scopes)
         fanin.closed, fanin.collect_step_id = FanInClosed.COLLECTED, step.id
         fanin.failures = failures_in(fanin) if fanin.failed else []
-        fanin.save(update_fields=["closed", "collect_step", "failures"])
+        store.save_fanin(fanin, "closed", "collect_step", "failures")
         return [step], 0
     failed = 1 if fanin.failed else 0
     fanin.closed = FanInClosed.FAILED if failed else FanInClosed.PASSED
-    fanin.save(update_fields=["closed"])
+    store.save_fanin(fanin, "closed")
     if not fanin.parent_scopes:
         return [], failed
-    parent = FanIn.objects.select_for_update().get(fanout_step_id=UUID(fanin.parent_scopes[-1][0]))
+    parent = store.lock_fanin(UUID(fanin.parent_scopes[-1][0]))
     parent.pending -= 1
     parent.failed += failed
-    parent.save(update_fields=["pending", "failed"])
+    store.save_fanin(parent, "pending", "failed")
     return _close(parent, run) if parent.pending == 0 else ([], 0)
-
-
-FAILED_STEP = Q(status=StepStatus.DEAD) | Q(status=StepStatus.SKIPPED, skip_reason=DEADLINE)
 
 
 def failures_in(fanin: FanIn) -> list[dict[str, Any]]:
@@ -210,46 +198,3 @@ def failures_in(fanin: FanIn) -> list[dict[str, Any]]:
             }
         )
     return sorted(failures, key=lambda f: (f["index"] is None, f["index"]))
-
-
-def move_open_steps(run: Run, delta: int) -> None:
-    """Steps added to or taken from a run outside a step's own commit (a batch's items, a
-    stream's events and hold); the run finishes if that leaves none open."""
-    _move_open_steps(run, delta, 0)
-
-
-def _move_open_steps(run: Run, delta: int, failures: int) -> None:
-    if delta == 0 and failures == 0:
-        return  # one step ended and one began: the count cannot have reached zero
-    with connection.cursor() as cursor:
-        # One round trip on the run's hot row: move the counts and read where they landed.
-        cursor.execute(
-            "UPDATE runs_run SET open_steps = open_steps + %s, failures = failures + %s"
-            " WHERE id = %s AND tenant_id = %s RETURNING open_steps, status, failures",
-            [delta, failures, run.id, run.tenant_id],
-        )
-        open_steps, status, run_failures = cursor.fetchone()
-    if open_steps == 0 and status in (RunStatus.QUEUED, RunStatus.RUNNING):
-        finish_run(run, from_status=status, failures=run_failures)
-
-
-def finish_run(run: Run, *, from_status: str, failures: int) -> None:
-    """The last open step settled. Failures a collect absorbed do not fail the run."""
-    if not failures:
-        transition_run(
-            run, from_=(from_status,), to=RunStatus.SUCCEEDED, finished_at=timezone.now()
-        )
-        return
-    failed = Step.objects.filter(FAILED_STEP, run_id=run.id)
-    count = failed.count()
-    named = [
-        f"{node}: {error or reason}"
-        for node, error, reason in failed.values_list("node_id", "error", "skip_reason")[:5]
-    ]
-    transition_run(
-        run,
-        from_=(from_status,),
-        to=RunStatus.FAILED,
-        error=f"{count} failed step{'' if count == 1 else 's'}: {'; '.join(named)}",
-        finished_at=timezone.now(),
-    )

@@ -18,6 +18,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from apps.runs.models import Usage
+from sluice.redis_client import redis_client
 from workers import control
 from workers.operators.base import BudgetExceeded, NoBudget, SpendMeter
 
@@ -49,13 +50,13 @@ class Meter:
 
     def seed(self) -> None:
         spent = self.seed_rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0)
-        control.redis_client().set(self.key, int(spent * NANO), nx=True, ex=self.ttl_s)
+        redis_client().set(self.key, int(spent * NANO), nx=True, ex=self.ttl_s)
 
     def read_nanos(self) -> int:
-        value = control.redis_client().get(self.key)
+        value = redis_client().get(self.key)
         if value is None:
             self.seed()
-            value = control.redis_client().get(self.key)
+            value = redis_client().get(self.key)
         self.known_nanos = int(value or 0)
         return self.known_nanos
 
@@ -103,7 +104,7 @@ class Budget(SpendMeter):
         for meter in self.meters:
             if meter.known_nanos is None:
                 meter.read_nanos()  # seeds it before the first increment
-            meter.known_nanos = int(control.redis_client().incrby(meter.key, nanos))
+            meter.known_nanos = int(redis_client().incrby(meter.key, nanos))
             if meter.known_nanos >= int(meter.limit * NANO) and self.crossed is None:
                 self.crossed = meter.figure(meter.known_nanos)
                 # Every worker generating inside this scope stops now, not at its next flush.

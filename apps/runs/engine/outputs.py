@@ -6,7 +6,7 @@ from uuid import UUID
 from django.db.models import F
 from django.utils import timezone
 
-from apps.runs.effects import digest, effect_key
+from apps.runs.engine.effects import digest, effect_key
 from apps.runs.models import Effect, EffectStatus, Event, ResultRow, Run, Step, Usage
 from workers.operators.base import StepResult, UsageRecord
 

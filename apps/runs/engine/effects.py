@@ -7,7 +7,7 @@ retry, a re-run after a crash, a replay) computes the same key:
 - a `pending` one (the last attempt died or failed mid-call: the outcome is unknown) calls
   again with the same key, which HTTP calls send as Idempotency-Key so the receiver can
   deduplicate.
-Writes into our own tables need no call: writes.write_table_row commits the row and a `done`
+Writes into our own tables need no call: outputs.write_table_row commits the row and a `done`
 ledger entry with the step.
 """
 

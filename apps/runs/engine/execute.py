@@ -1,0 +1,318 @@
+"""A step's life on a worker (DESIGN "A step's life"): claim with a lease, run the operator
+outside any transaction, then commit outputs, downstream steps and `done` in one
+transaction that first proves this worker still holds the lease. A worker that lost its
+lease commits nothing, so a step's outputs exist once however often it is attempted."""
+
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+from django.db import transaction
+from django.utils import timezone
+
+from apps.runs.engine import store
+from apps.runs.engine.context import Claimed, Heartbeat, input_events, step_context
+from apps.runs.engine.leases import KEEPER, lease_until
+from apps.runs.engine.outbox import StepMessage, send_on_commit
+from apps.runs.engine.outputs import record_usage, shared_key, write_outputs
+from apps.runs.engine.retries import dead_or_retry
+from apps.runs.engine.settle import Routing, open_fanin, settle
+from apps.runs.engine.states import BUDGET_SKIP, DEADLINE, retry_delay_s
+from apps.runs.engine.stop import exceed_budget, expire_run
+from apps.runs.models import Run, RunStatus, Step, StepStatus
+from workers.operators import REGISTRY
+from workers.operators.base import (
+    BudgetExceeded,
+    DeadlinePassed,
+    Deferred,
+    LeaseLost,
+    PermanentError,
+    RetrySoon,
+    StepCancelled,
+    StepDeadlinePassed,
+    StepResult,
+)
+
+logger = logging.getLogger(__name__)
+
+# Fast path (DESIGN step 4): a worker runs a downstream step on its own queue right away
+# instead of waiting for the broker, at most this many in a row; then others get a turn.
+MAX_INLINE_STEPS = 50
+
+
+def execute(step_id: UUID, worker: str, *, own_queue: str | None) -> None:
+    """Claim, run and commit one step, then the downstream steps on this worker's own queue
+    that its commit claimed for it, one after another."""
+    claim = claim_step(step_id, worker)
+    for inline in range(1, MAX_INLINE_STEPS + 1):
+        if claim is None:
+            return
+        # The last inline step claims nothing further: others get a turn on this slot.
+        claim = run_claimed(claim, inline_queue=own_queue if inline < MAX_INLINE_STEPS else None)
+
+
+def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
+    """Runs a claimed step and ends it however it goes; returns the downstream step its
+    commit claimed for this worker (on `inline_queue`), if any."""
+    step_id = claim.step.id
+    KEEPER.hold(step_id, claim.token)
+    try:
+        result = run_operator(claim)
+        return commit_step(claim, result, inline_queue=inline_queue)
+    except StepDeadlinePassed:
+        end_running_step(claim, StepStatus.SKIPPED, skip_reason=DEADLINE, failed=True)
+    except DeadlinePassed:
+        expire_run(claim.run)  # first, so the run ends failed rather than succeeded
+        end_running_step(claim, StepStatus.SKIPPED, skip_reason=DEADLINE)
+    except BudgetExceeded as exc:
+        exceed_budget(claim.run, str(exc))
+        end_running_step(claim, StepStatus.SKIPPED, skip_reason=BUDGET_SKIP)
+    except StepCancelled as exc:
+        end_running_step(claim, StepStatus.SKIPPED, skip_reason=f"{exc} while running")
+    except LeaseLost:
+        logger.warning("step %s: lease lost to another worker; its results are dropped", step_id)
+        record_orphan_usage(claim)
+    except Deferred as exc:
+        defer_step(claim, str(exc), exc.wait_s)
+    except PermanentError as exc:
+        fail_attempt(claim, str(exc), permanent=True)
+    except RetrySoon as exc:
+        logger.info("step %s (%s): %s", step_id, claim.node["id"], exc)
+        fail_attempt(claim, str(exc), permanent=False, delay_s=exc.retry_in_s)
+    except Exception as exc:
+        logger.exception("step %s (%s) failed", step_id, claim.node["id"])
+        fail_attempt(claim, f"{type(exc).__name__}: {exc}", permanent=False)
+    finally:
+        KEEPER.release(step_id)
+    return None
+
+
+def claim_step(step_id: UUID, worker: str) -> Claimed | None:
+    """Leases the step to this worker, after checking its run and deadlines. A step whose
+    run has ended or whose deadline passed is skipped instead; an overdue run expires."""
+    overdue = None
+    with transaction.atomic():
+        step = store.lock_claimable_step(step_id)
+        now = timezone.now()
+        if step is None or (step.not_before is not None and step.not_before > now):
+            return None  # done, leased, or a retry not yet due (its own message will come)
+        run = Run.objects.defer("input").get(id=step.run_id)
+        if not run.is_active:
+            _skip(step, run, f"run {run.status}")
+            return None
+        if run.deadline is not None and run.deadline <= now:
+            overdue = run
+        elif step.deadline is not None and step.deadline <= now:
+            _skip(step, run, DEADLINE, failed=True)
+            return None
+        else:
+            token = uuid4()
+            # The row is locked, so its attempt count cannot move under us.
+            changes: dict[str, Any] = {
+                "attempt": step.attempt + 1,
+                "lease_until": lease_until(),
+                "lease_token": token,
+                "worker": worker,
+                "started_at": now,
+                "not_before": None,
+                "waiting": "",
+            }
+            if not store.transition_step(
+                step, from_=(step.status,), to=StepStatus.RUNNING, **changes
+            ):
+                return None
+            for field, value in {**changes, "status": StepStatus.RUNNING}.items():
+                setattr(step, field, value)
+            if run.status == RunStatus.QUEUED:
+                store.transition_run(
+                    run, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING, started_at=now
+                )
+            return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
+    if overdue is not None:
+        expire_run(overdue)  # its own transaction: it skips this step too
+    return None
+
+
+def _skip(step: Step, run: Run, reason: str, *, failed: bool = False) -> None:
+    store.transition_step(
+        step,
+        from_=(step.status,),
+        to=StepStatus.SKIPPED,
+        skip_reason=reason,
+        finished_at=timezone.now(),
+    )
+    send_on_commit(settle(step, run, Routing(), failed=failed))
+
+
+def run_operator(claim: Claimed) -> StepResult:
+    inputs = input_events(claim)
+    heartbeat = Heartbeat(claim)
+    ctx = step_context(claim, heartbeat)
+    heartbeat()  # a step already past its deadline does not start
+    started = time.monotonic()
+    try:
+        return REGISTRY[claim.node["type"]].run(ctx, inputs)
+    finally:
+        claim.operator_ms = (time.monotonic() - started) * 1000
+
+
+def _lock_own_step(claim: Claimed) -> None:
+    """Locks the step, proves this worker still holds its lease, and refreshes the run's
+    status (one query: the commit path is hot)."""
+    status, token, run_status = store.lock_own_step(claim.step.id)
+    if status != StepStatus.RUNNING or token != claim.token:
+        raise LeaseLost(str(claim.step.id))
+    claim.run.status = run_status
+
+
+def commit_step(
+    claim: Claimed, result: StepResult, *, inline_queue: str | None = None
+) -> Claimed | None:
+    """One transaction: outputs, downstream steps, fan-in and run counters, and `done`.
+    Returns the downstream step it claimed for this worker to run next, if any."""
+    operator = REGISTRY[claim.node["type"]]
+    with transaction.atomic():
+        _lock_own_step(claim)
+        step, run = claim.step, claim.run
+        if not run.is_active:
+            skip_reason = f"run {run.status} while running"
+            _end(claim, StepStatus.SKIPPED, skip_reason=skip_reason)
+            return None
+        events = write_outputs(
+            step, run, result, opens_scope=operator.opens_scope, key=shared_key(claim.events)
+        )
+        routing = Routing()
+        if operator.opens_scope:
+            open_fanin(step, run, routing)
+        routing.route(step, run, events)
+        inline = _claim_inline(routing, run, step.worker, inline_queue)
+        if inline is not None:
+            inline.events = [e for e in events if e.id in inline.step.inputs]
+        messages = _end(claim, StepStatus.DONE, routing=routing, operator_ms=claim.operator_ms)
+        # The inline step needs no message: if this worker dies before finishing it, its
+        # lease expires and the sweeper sends one.
+        send_on_commit([m for m in messages if inline is None or m.step_id != inline.step.id])
+    return inline
+
+
+def _claim_inline(routing: Routing, run: Run, worker: str, queue: str | None) -> Claimed | None:
+    """DESIGN "A step's life" step 4, the fast path: a new step on this worker's own queue
+    is created already leased to this worker, skipping a broker round trip and a claim."""
+    if queue is None or (run.deadline is not None and run.deadline <= timezone.now()):
+        return None
+    step = next((s for s in routing.steps if s.queue == queue), None)
+    if step is None:
+        return None
+    token = uuid4()
+    step.status, step.attempt, step.worker = StepStatus.RUNNING, 1, worker
+    step.lease_until, step.lease_token, step.started_at = lease_until(), token, timezone.now()
+    return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
+
+
+def _end(
+    claim: Claimed,
+    to: str,
+    *,
+    routing: Routing | None = None,
+    failed: bool = False,
+    **fields: Any,
+) -> list[StepMessage]:
+    """Move a running step this worker holds to a final status and settle the run."""
+    step, run = claim.step, claim.run
+    if claim.usage is not None:
+        fields.update(record_usage(step.id, run, claim.usage))
+    moved = store.transition_step(
+        step,
+        from_=(StepStatus.RUNNING,),
+        to=to,
+        holding_lease=claim.token,
+        lease_until=None,
+        finished_at=timezone.now(),
+        duration_ms=(time.monotonic() - claim.started) * 1000,
+        **fields,
+    )
+    if not moved:
+        raise LeaseLost(str(step.id))
+    return settle(step, run, routing or Routing(), failed=failed)
+
+
+def end_running_step(claim: Claimed, to: str, *, failed: bool = False, **fields: Any) -> None:
+    try:
+        with transaction.atomic():
+            _lock_own_step(claim)
+            send_on_commit(_end(claim, to, failed=failed, **fields))
+    except LeaseLost:
+        logger.warning("step %s: lease lost before it could be closed", claim.step.id)
+        record_orphan_usage(claim)
+
+
+def record_orphan_usage(claim: Claimed) -> None:
+    """An attempt that lost its lease commits nothing, but what it generated was paid for."""
+    if claim.usage is not None:
+        with transaction.atomic():
+            record_usage(claim.step.id, claim.run, claim.usage, on_step=False)
+
+
+def defer_step(claim: Claimed, reason: str, wait_s: float) -> None:
+    """Back to the queue for `wait_s`, as if this attempt had not been claimed: flow control
+    found no model that can serve it now. The reason shows on the step while it waits."""
+    now = timezone.now()
+    with transaction.atomic():
+        moved = store.transition_step(
+            claim.step,
+            from_=(StepStatus.RUNNING,),
+            to=StepStatus.QUEUED,
+            holding_lease=claim.token,
+            attempt=claim.step.attempt - 1,
+            lease_until=None,
+            not_before=now + timedelta(seconds=wait_s),
+            enqueued_at=now,
+            waiting=reason,
+        )
+        if moved:
+            send_on_commit(
+                [StepMessage(claim.run.tenant_id, claim.step.id, claim.step.queue, wait_s)]
+            )
+        else:
+            logger.warning("step %s: lease lost before it could wait", claim.step.id)
+
+
+def fail_attempt(
+    claim: Claimed, error: str, *, permanent: bool, delay_s: float | None = None
+) -> None:
+    """Dead-letter the step after a permanent error, its last attempt, or when the run's
+    retry budget is spent; else retry later: after `delay_s` when given, else with the
+    node's backoff and jitter. The retry taken and the step's new status commit together."""
+    attempt, most = claim.step.attempt, claim.step.max_attempts
+    try:
+        with transaction.atomic():
+            _lock_own_step(claim)
+            dead = dead_or_retry(claim.run, attempt, most, error, permanent=permanent)
+            if dead is not None:
+                messages = _end(
+                    claim, StepStatus.DEAD, error=dead, failed=True, operator_ms=claim.operator_ms
+                )
+                send_on_commit(messages)
+                return
+            delay = retry_delay_s(claim.node, attempt) if delay_s is None else delay_s
+            now = timezone.now()
+            usage = record_usage(claim.step.id, claim.run, claim.usage) if claim.usage else {}
+            store.transition_step(
+                claim.step,
+                from_=(StepStatus.RUNNING,),
+                to=StepStatus.FAILED,
+                holding_lease=claim.token,
+                lease_until=None,
+                error=f"attempt {attempt}/{most}: {error}",
+                not_before=now + timedelta(seconds=delay),
+                enqueued_at=now,
+                **usage,
+            )
+            send_on_commit(
+                [StepMessage(claim.run.tenant_id, claim.step.id, claim.step.queue, delay)]
+            )
+    except LeaseLost:
+        logger.warning("step %s: lease lost before its failure could be recorded", claim.step.id)
+        record_orphan_usage(claim)
