@@ -32,9 +32,11 @@ $(VENDOR_STAMP): package-lock.json
 run: setup
 	$(PY) -m sluice.launcher
 
+# lint-imports holds the code to DESIGN's layer table (pyproject.toml, tests/layers.py).
 check: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy .
 
 test: check
