@@ -54,6 +54,9 @@ _NODE_SCHEMA: JSON = {
         # The step must finish within this many seconds of becoming ready, else it is skipped
         # with reason "deadline" and counts as failed.
         "ttl_s": {"type": "integer", "minimum": 1, "maximum": 86400},
+        # false: never run in a chain, even when cheap (each step gets its own message and
+        # commit; for measuring or isolating a node).
+        "chain": {"type": "boolean"},
         "resources": {
             "type": "object",
             "additionalProperties": False,

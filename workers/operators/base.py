@@ -218,6 +218,10 @@ class Operator:
     # A fan-out's outputs are items of a new scope; a collect consumes one scope's items at once.
     opens_scope: ClassVar[bool] = False
     is_collect: ClassVar[bool] = False
+    # Cheap: pure, fast and local (no calls out, no inference). The engine may run a cheap
+    # node's step right after its predecessor's on the same worker and commit both at once
+    # (a chain, DESIGN "Two executors, one graph").
+    cheap: ClassVar[bool] = False
     # Gets the model registry, the budgets and a way to start generations in its context.
     uses_inference: ClassVar[bool] = False
 

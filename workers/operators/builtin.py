@@ -43,6 +43,7 @@ class ManualSource(Operator):
     type_name = "source.manual"
     description = "The run's input, as submitted from the form or the API."
     is_source = True
+    cheap = True
     config_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -61,6 +62,7 @@ class ManualSource(Operator):
 class TemplateTransform(Operator):
     type_name = "transform.template"
     description = "Renders a sandboxed Jinja2 template over the payload into one field."
+    cheap = True
     config_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -87,6 +89,7 @@ class TemplateTransform(Operator):
 class Switch(Operator):
     type_name = "route.switch"
     description = "Sends the event to the port named for the value of one field."
+    cheap = True
     config_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -207,6 +210,7 @@ def ancestors(node_id: str, parents: dict[str, set[str]]) -> set[str]:
 class TableSink(Operator):
     type_name = "sink.table"
     description = "Writes the payload as one row of a named result table, exactly once."
+    cheap = True
     config_schema = {
         "type": "object",
         "additionalProperties": False,

@@ -12,11 +12,12 @@ from uuid import UUID, uuid4
 from django.db import transaction
 from django.utils import timezone
 
-from apps.runs.engine import store
+from apps.runs.engine import chains, store
+from apps.runs.engine.chains import Link
 from apps.runs.engine.context import Claimed, Heartbeat, input_events, step_context
 from apps.runs.engine.leases import KEEPER, lease_until
 from apps.runs.engine.outbox import StepMessage, send_on_commit
-from apps.runs.engine.outputs import record_usage, shared_key, write_outputs
+from apps.runs.engine.outputs import record_usage, save_outputs
 from apps.runs.engine.retries import dead_or_retry
 from apps.runs.engine.settle import Routing, open_fanin, settle
 from apps.runs.engine.states import BUDGET_SKIP, DEADLINE, retry_delay_s
@@ -54,13 +55,53 @@ def execute(step_id: UUID, worker: str, *, own_queue: str | None) -> None:
 
 
 def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
-    """Runs a claimed step and ends it however it goes; returns the downstream step its
-    commit claimed for this worker (on `inline_queue`), if any."""
-    step_id = claim.step.id
-    KEEPER.hold(step_id, claim.token)
+    """Runs a claimed step, and the chain of cheap steps after it (chains.py), and ends them
+    however they go; returns the downstream step the commit leased to this worker (on
+    `inline_queue`) for it to run next, if any."""
+    KEEPER.hold(claim.step.id, claim.token)
     try:
-        result = run_operator(claim)
-        return commit_step(claim, result, inline_queue=inline_queue)
+        chain, broken = run_chain(claim, inline_queue)
+        following = commit_chain(chain, broken, inline_queue=inline_queue)
+    except Exception as exc:
+        end_after_error(claim, exc)
+        return None
+    finally:
+        KEEPER.release(claim.step.id)
+    if broken is None or following is not broken[0]:
+        return following
+    # A chained step failed: the chain before it is committed, and the step itself was
+    # written leased to this worker, so it fails (or retries) like any other step.
+    failed, error = broken
+    KEEPER.hold(failed.step.id, failed.token)
+    try:
+        end_after_error(failed, error)
+    finally:
+        KEEPER.release(failed.step.id)
+    return None
+
+
+Broken = tuple[Claimed, Exception]
+
+
+def run_chain(first: Claimed, own_queue: str | None) -> tuple[list[Link], Broken | None]:
+    """Runs the claimed step's operator, then the cheap steps it feeds on this worker's
+    queue, one after another. A failure of the first step raises; a later step's failure
+    ends the chain before it and is returned with the step."""
+    started = time.monotonic()
+    chain = [chains.plan(first, run_operator(first))]
+    while (following := chains.next_step(chain, own_queue, started)) is not None:
+        try:
+            chain.append(chains.plan(following, run_operator(following)))
+        except Exception as exc:
+            return chain, (following, exc)
+    return chain, None
+
+
+def end_after_error(claim: Claimed, error: Exception) -> None:
+    """Ends a step whose operator (or commit) raised, by what was raised."""
+    step_id = claim.step.id
+    try:
+        raise error
     except StepDeadlinePassed:
         end_running_step(claim, StepStatus.SKIPPED, skip_reason=DEADLINE, failed=True)
     except DeadlinePassed:
@@ -84,9 +125,6 @@ def run_claimed(claim: Claimed, *, inline_queue: str | None) -> Claimed | None:
     except Exception as exc:
         logger.exception("step %s (%s) failed", step_id, claim.node["id"])
         fail_attempt(claim, f"{type(exc).__name__}: {exc}", permanent=False)
-    finally:
-        KEEPER.release(step_id)
-    return None
 
 
 def claim_step(step_id: UUID, worker: str) -> Claimed | None:
@@ -167,48 +205,59 @@ def _lock_own_step(claim: Claimed) -> None:
     claim.run.status = run_status
 
 
-def commit_step(
-    claim: Claimed, result: StepResult, *, inline_queue: str | None = None
+def commit_chain(
+    chain: list[Link], broken: Broken | None, *, inline_queue: str | None
 ) -> Claimed | None:
-    """One transaction: outputs, downstream steps, fan-in and run counters, and `done`.
-    Returns the downstream step it claimed for this worker to run next, if any."""
-    operator = REGISTRY[claim.node["type"]]
+    """One transaction for the whole chain: each step's outputs, the steps they feed, fan-in
+    and run counters, and `done`; the first step's lease is proven first. Chained steps are
+    written already done. Returns the step written leased to this worker to run next: the
+    chain's failed step, else a downstream step on this worker's own queue, if any."""
+    first = chain[0].claim
     with transaction.atomic():
-        _lock_own_step(claim)
-        step, run = claim.step, claim.run
+        _lock_own_step(first)
+        run = first.run
         if not run.is_active:
-            skip_reason = f"run {run.status} while running"
-            _end(claim, StepStatus.SKIPPED, skip_reason=skip_reason)
+            _end(first, StepStatus.SKIPPED, skip_reason=f"run {run.status} while running")
             return None
-        events = write_outputs(
-            step, run, result, opens_scope=operator.opens_scope, key=shared_key(claim.events)
-        )
-        routing = Routing()
-        if operator.opens_scope:
-            open_fanin(step, run, routing)
-        routing.route(step, run, events)
-        inline = _claim_inline(routing, run, step.worker, inline_queue)
-        if inline is not None:
-            inline.events = [e for e in events if e.id in inline.step.inputs]
-        messages = _end(claim, StepStatus.DONE, routing=routing, operator_ms=claim.operator_ms)
-        # The inline step needs no message: if this worker dies before finishing it, its
-        # lease expires and the sweeper sends one.
-        send_on_commit([m for m in messages if inline is None or m.step_id != inline.step.id])
-    return inline
+        following = broken[0] if broken is not None else None
+        messages: list[StepMessage] = []
+        for index, link in enumerate(chain):
+            step = link.claim.step
+            if index + 1 < len(chain):
+                chains.mark_done(chain[index + 1].claim)
+            else:
+                following = following or _inline(link, run, inline_queue)
+                if following is not None:
+                    chains.mark_leased(following)
+            save_outputs(step, run, link.events, link.result)
+            if link.routing.opened_scope is not None:
+                open_fanin(step, run, link.routing)
+            if index == 0:
+                messages += _end(
+                    first, StepStatus.DONE, routing=link.routing, operator_ms=first.operator_ms
+                )
+            else:
+                store.announce_step(step, StepStatus.DONE, {})
+                messages += settle(step, run, link.routing)
+        # Chained steps are done, and the following step is this worker's: no message. If the
+        # worker dies before finishing that one, its lease expires and the sweeper sends one.
+        own = chains.chained_ids(chain) | ({following.step.id} if following else set())
+        send_on_commit([m for m in messages if m.step_id not in own])
+    return following
 
 
-def _claim_inline(routing: Routing, run: Run, worker: str, queue: str | None) -> Claimed | None:
+def _inline(link: Link, run: Run, queue: str | None) -> Claimed | None:
     """DESIGN "A step's life" step 4, the fast path: a new step on this worker's own queue
-    is created already leased to this worker, skipping a broker round trip and a claim."""
+    is written already leased to this worker, skipping a broker round trip and a claim."""
     if queue is None or (run.deadline is not None and run.deadline <= timezone.now()):
         return None
-    step = next((s for s in routing.steps if s.queue == queue), None)
+    step = next((s for s in link.routing.steps if s.queue == queue), None)
     if step is None:
         return None
-    token = uuid4()
-    step.status, step.attempt, step.worker = StepStatus.RUNNING, 1, worker
-    step.lease_until, step.lease_token, step.started_at = lease_until(), token, timezone.now()
-    return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
+    step.worker = link.claim.step.worker
+    claim = Claimed(step, run, run.nodes[step.node_id], uuid4(), time.monotonic())
+    claim.events = [e for e in link.events if e.id in step.inputs]
+    return claim
 
 
 def _end(

@@ -19,11 +19,12 @@ def shared_key(inputs: list[Event] | None) -> str:
     return keys.pop() if len(keys) == 1 else ""
 
 
-def write_outputs(
+def output_events(
     step: Step, run: Run, result: StepResult, *, opens_scope: bool, key: str = ""
 ) -> list[Event]:
+    """The step's output events, not yet saved: a chain runs the next step on them first."""
     now = timezone.now()
-    events = [
+    return [
         Event(
             tenant_id=run.tenant_id,
             run=run,
@@ -41,10 +42,12 @@ def write_outputs(
         )
         for seq, output in enumerate(result.outputs)
     ]
+
+
+def save_outputs(step: Step, run: Run, events: list[Event], result: StepResult) -> None:
     Event.objects.bulk_create(events)
     for table, row in result.table_rows:
         write_table_row(step, run, table, row)
-    return events
 
 
 def record_usage(
