@@ -1,7 +1,9 @@
 """Durable step latency: a chain of N template steps through Sluice (claim with a lease,
-commit outputs + downstream step in one transaction, fast path on the same worker)
-against N bare Celery hops, interleaved in the same invocation; and a fan-out of M items
-through a template and a collect against M bare Celery tasks sent by one task.
+commit outputs + downstream step in one transaction, chained on the same worker)
+against N bare Celery hops, interleaved in the same invocation; a fan-out of M items
+through a template and a collect against M bare Celery tasks sent by one task; and the
+throughput of a 5-node chain of cheap nodes (run back to back, one commit per chain)
+against the same 5 no-op tasks as a bare Celery chain, as in bench overhead.
 
     python -m bench chain [--quick]
 """
@@ -12,6 +14,7 @@ import time
 import uuid
 from typing import Any
 
+from bench.overhead import WARM_UP_ITEMS, linear_spec, sluice_then_celery
 from bench.stack import services, worker
 from workers.queues import CPU_WORKER_QUEUES
 
@@ -86,6 +89,7 @@ def celery_fanout_seconds(items: int) -> float:
 
 def main(*, quick: bool) -> int:
     length, rounds, items = (20, 5, 200) if quick else (50, 10, 2000)
+    chained_rounds, chained_items = (2, 100) if quick else (3, 1000)
     with (
         services("chain") as root,
         worker(root, "cpu", CPU_WORKER_QUEUES, ["--include", "bench.baseline_tasks"]),
@@ -108,6 +112,14 @@ def main(*, quick: bool) -> int:
                 celery_ms.append(celery_chain_seconds(length) * 1000 / length)
             fan_s = run_seconds(fanout.live_version(), {"items": list(range(items))}, "bench")
             celery_fan_s = celery_fanout_seconds(items)
+            chained = create_graph(
+                slug="chained", name="Chained", spec=linear_spec(chain=True), actor="bench"
+            ).live_version()
+            sluice_then_celery(chained, WARM_UP_ITEMS)
+            measured = [sluice_then_celery(chained, chained_items) for _ in range(chained_rounds)]
+    chained_rate = statistics.median(part.steps_per_s for part, _ in measured)
+    chained_celery_rate = statistics.median(rate for _, rate in measured)
+    chained_steps = sum(len(part.start_ms) for part, _ in measured) * 5
     result = {
         "bench": "chain",
         "chain_length": length,
@@ -120,6 +132,14 @@ def main(*, quick: bool) -> int:
         "fanout_items": items,
         "fanout_items_per_s": round(items / fan_s, 1),
         "celery_fanout_items_per_s": round(items / celery_fan_s, 1),
+        "fanout_ratio_vs_celery": round(celery_fan_s / fan_s, 3),
+        "chained_items": chained_items,
+        "chained_steps_per_s": round(chained_rate, 1),
+        "chained_celery_tasks_per_s": round(chained_celery_rate, 1),
+        "chained_ratio_vs_celery": round(chained_rate / chained_celery_rate, 3),
+        "chained_pg_commits_per_step": round(
+            sum(part.commits for part, _ in measured) / chained_steps, 3
+        ),
     }
     print(f"{'':24}{'sluice step':>14}{'celery hop':>14}")
     print(
@@ -131,6 +151,13 @@ def main(*, quick: bool) -> int:
     print(
         f"fan-out of {items} items: sluice (template + collect) {result['fanout_items_per_s']}"
         f" items/s, bare celery tasks {result['celery_fanout_items_per_s']} items/s"
+    )
+    print(
+        f"5-node chain of cheap nodes, {chained_items} runs a round: sluice"
+        f" {result['chained_steps_per_s']} steps/s, bare celery chains"
+        f" {result['chained_celery_tasks_per_s']} tasks/s, ratio"
+        f" {result['chained_ratio_vs_celery']}; {result['chained_pg_commits_per_step']}"
+        " pg commits per step"
     )
     print("RESULT " + json.dumps(result))
     return 0

@@ -1,13 +1,17 @@
 """Per-step overhead: N no-op items, each one run through a linear 5-stage graph (a manual
-source and 4 cheap templates) on W worker processes, against the baseline of a bare Celery
-chain of 5 no-op tasks per item on the same broker and workers, interleaved round by round.
+source and 4 templates, each set `chain: false` so that every step is claimed, committed
+and messaged on its own, as a tool or LLM node's would be) on W worker processes, against
+the baseline of a bare Celery chain of 5 no-op tasks per item on the same broker and
+workers, interleaved round by round.
 
     python -m bench overhead [--quick]
 
 Overhead of a step: its predecessor's commit to its own commit, less the operator's own
 time (`Step.operator_ms`); `finished_at` is set in the committing transaction, so it stands
 for the commit on both sides of the difference. PostgreSQL commits per step come from
-`pg_stat_database.xact_commit` around the Sluice part of each round.
+`pg_stat_database.xact_commit` around the Sluice part of each round. Round trips per step
+are counted once the workers have stopped, by running a few runs' steps in this process
+with every SQL statement and transaction counted.
 """
 
 import itertools
@@ -35,7 +39,7 @@ PART_TIMEOUT_S = 300.0
 STATS_SETTLE_S = 11.0
 
 
-def linear_spec() -> dict[str, Any]:
+def linear_spec(*, chain: bool = False) -> dict[str, Any]:
     nodes: list[dict[str, Any]] = [{"id": "in", "type": "source.manual"}]
     for i in range(STAGES - 1):
         nodes.append(
@@ -45,6 +49,9 @@ def linear_spec() -> dict[str, Any]:
                 "config": {"template": "{{ n }}", "output": "n"},
             }
         )
+    if not chain:
+        for node in nodes:
+            node["chain"] = False
     edges = [[a["id"], b["id"]] for a, b in itertools.pairwise(nodes)]
     return {"nodes": nodes, "edges": edges}
 
@@ -184,6 +191,43 @@ def sluice_then_celery(version: Any, items: int) -> tuple[SluicePart, float]:
     return measure_steps(run_ids, commits), celery_rate
 
 
+def round_trips_per_step(version: Any, runs: int = 20) -> tuple[float, float]:
+    """(SQL statements, round trips) per step, running `runs` runs' steps in this process as
+    a worker on the cpu queue would (the fast path included). A round trip is a statement,
+    or the BEGIN or COMMIT of a transaction (psycopg sends each on its own)."""
+    from django.db import connection
+
+    from apps.runs import engine
+    from apps.runs.models import Step
+
+    run_ids = start_runs(version, runs)  # their messages wait in the broker: no worker left
+    sources = list(Step.objects.filter(run_id__in=run_ids, node_id="in").values_list("id"))
+    counted = {"statements": 0, "commits": 0}
+
+    def count(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        counted["statements"] += 1
+        return execute(sql, params, many, context)
+
+    commit = connection.commit
+
+    def counted_commit() -> None:
+        counted["commits"] += 1
+        commit()
+
+    connection.commit = counted_commit  # type: ignore[method-assign]
+    try:
+        with connection.execute_wrapper(count):
+            for (step_id,) in sources:
+                engine.execute(step_id, "bench", own_queue="cpu")
+    finally:
+        del connection.commit
+    steps = Step.objects.filter(run_id__in=run_ids, status="done").count()
+    if steps != runs * STAGES:
+        raise RuntimeError(f"expected {runs * STAGES} done steps, found {steps}")
+    statements = counted["statements"] / steps
+    return statements, statements + 2 * counted["commits"] / steps
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest rank: the smallest value with at least q% of the values at or below it."""
     ordered = sorted(values)
@@ -247,16 +291,7 @@ def print_table(parts: list[SluicePart], celery: list[float], result: dict[str, 
 
 def main(*, quick: bool) -> int:
     rounds, items = (2, 100) if quick else (3, 1000)
-    with (
-        services("overhead") as root,
-        worker(
-            root,
-            "cpu",
-            CPU_WORKER_QUEUES,
-            ["--include", "bench.baseline_tasks"],
-            concurrency=WORKERS,
-        ),
-    ):
+    with services("overhead") as root:
         from apps.graphs.services import create_graph
         from apps.tenants.context import tenant_context
         from apps.tenants.services import create_tenant
@@ -265,10 +300,28 @@ def main(*, quick: bool) -> int:
         with tenant_context(tenant):
             graph = create_graph(slug="linear", name="Linear", spec=linear_spec(), actor="bench")
             version = graph.live_version()
+        with (
+            worker(
+                root,
+                "cpu",
+                CPU_WORKER_QUEUES,
+                ["--include", "bench.baseline_tasks"],
+                concurrency=WORKERS,
+            ),
+            tenant_context(tenant),
+        ):
             sluice_then_celery(version, WARM_UP_ITEMS)
             measured = [sluice_then_celery(version, items) for _ in range(rounds)]
+        with tenant_context(tenant):  # the workers have stopped: nobody else takes the steps
+            statements, round_trips = round_trips_per_step(version)
     parts, celery = [p for p, _ in measured], [c for _, c in measured]
     result = summarize(items, parts, celery)
+    result["sql_statements_per_step"] = round(statements, 2)
+    result["round_trips_per_step"] = round(round_trips, 2)
     print_table(parts, celery, result)
+    print(
+        f"in process, per step: {result['sql_statements_per_step']} SQL statements,"
+        f" {result['round_trips_per_step']} round trips (statements, BEGINs and COMMITs)"
+    )
     print("RESULT " + json.dumps(result))
     return 0
