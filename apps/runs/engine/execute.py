@@ -163,10 +163,10 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | None:
                 return None
             for field, value in {**changes, "status": StepStatus.RUNNING}.items():
                 setattr(step, field, value)
-            if run.status == RunStatus.QUEUED:
-                store.transition_run(
-                    run, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING, started_at=now
-                )
+            if run.status == RunStatus.QUEUED and store.transition_run(
+                run, from_=(RunStatus.QUEUED,), to=RunStatus.RUNNING, started_at=now
+            ):
+                run.status = RunStatus.RUNNING
             return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
     if overdue is not None:
         expire_run(overdue)  # its own transaction: it skips this step too
@@ -338,6 +338,15 @@ def fail_attempt(
     try:
         with transaction.atomic():
             _lock_own_step(claim)
+            if not claim.run.is_active:  # stopped meanwhile: nothing to retry for
+                send_on_commit(
+                    _end(
+                        claim,
+                        StepStatus.SKIPPED,
+                        skip_reason=f"run {claim.run.status} while running",
+                    )
+                )
+                return
             dead = dead_or_retry(claim.run, attempt, most, error, permanent=permanent)
             if dead is not None:
                 messages = _end(

@@ -65,6 +65,17 @@ def release_expired_lease(step_id: UUID) -> int:
         run = Run.objects.defer("input").get(id=step.run_id)
         lost = f"worker {step.worker} lost (lease expired)"
         logger.warning("step %s: attempt %s: %s", step.id, step.attempt, lost)
+        if not run.is_active:  # stopped meanwhile: nothing to run again
+            store.transition_step(
+                step,
+                from_=(StepStatus.RUNNING,),
+                to=StepStatus.SKIPPED,
+                skip_reason=f"run {run.status}; {lost}",
+                lease_until=None,
+                finished_at=timezone.now(),
+            )
+            send_on_commit(settle(step, run, Routing()))
+            return 1
         dead = dead_or_retry(run, step.attempt, step.max_attempts, lost, permanent=False)
         if dead is not None:
             store.transition_step(
