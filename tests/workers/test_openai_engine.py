@@ -94,8 +94,10 @@ def test_streams_the_answer_with_the_servers_usage(fake: FakeOpenAI) -> None:
         "stream_options": {"include_usage": True},
         "top_p": 0.9,
     }
-    assert record.completed and record.client_closed_at is None
+    # The handler marks the stream completed after its last write, which the client may
+    # have read already: wait for the handler to end before looking.
     assert_nothing_left(fake, engine)
+    assert record.completed and record.client_closed_at is None
 
 
 def test_length_finish_and_estimated_usage_without_a_usage_chunk(fake: FakeOpenAI) -> None:
