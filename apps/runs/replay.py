@@ -46,12 +46,12 @@ def replay_dead_steps(run: Run, *, actor: Actor, step_ids: list[UUID] | None = N
             raise ReplayRefused("the run has no dead steps to replay")
         run_failures = sum(_take_back_failure(step) for step in steps)
         # Lock order as in a step's commit: steps, fan-ins innermost out, the run last.
-        locked = store.lock_run(run.id)
-        if locked.status not in (RunStatus.RUNNING, RunStatus.FAILED):
-            raise ReplayRefused(f"the run is {locked.status}")
+        status = store.lock_run_status(run.id)
+        if status not in (RunStatus.RUNNING, RunStatus.FAILED):
+            raise ReplayRefused(f"the run is {status}")
         for step in steps:
             _requeue(step, run)
-        if locked.status == RunStatus.FAILED:
+        if status == RunStatus.FAILED:
             store.transition_run(
                 run, from_=(RunStatus.FAILED,), to=RunStatus.RUNNING, error="", finished_at=None
             )
@@ -62,7 +62,7 @@ def replay_dead_steps(run: Run, *, actor: Actor, step_ids: list[UUID] | None = N
             action="run.replay",
             target_type="run",
             target_id=run.id,
-            before={"status": locked.status, "dead_steps": [str(s.id) for s in steps]},
+            before={"status": status, "dead_steps": [str(s.id) for s in steps]},
             after={"status": RunStatus.RUNNING},
         )
         send_on_commit([StepMessage(run.tenant_id, s.id, s.queue) for s in steps])

@@ -22,7 +22,7 @@ from apps.runs.engine.context import Claimed
 from apps.runs.engine.leases import lease_until
 from apps.runs.engine.outputs import output_events, shared_key
 from apps.runs.engine.settle import Routing
-from apps.runs.models import Event, Step, StepStatus
+from apps.runs.models import Event, StepStatus
 from workers.operators import REGISTRY
 from workers.operators.base import StepResult
 
@@ -100,7 +100,3 @@ def mark_leased(claim: Claimed) -> None:
 
 def chained_ids(chain: list[Link]) -> set[Any]:
     return {link.claim.step.id for link in chain[1:]}
-
-
-def is_chained(step: Step, chain: list[Link]) -> bool:
-    return step.id in chained_ids(chain)

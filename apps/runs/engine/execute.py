@@ -20,7 +20,7 @@ from apps.runs.engine.outbox import StepMessage, send_on_commit
 from apps.runs.engine.outputs import record_usage, save_outputs
 from apps.runs.engine.retries import dead_or_retry
 from apps.runs.engine.settle import Routing, open_fanin, settle
-from apps.runs.engine.states import BUDGET_SKIP, DEADLINE, retry_delay_s
+from apps.runs.engine.states import BUDGET_SKIP, DEADLINE, attempt_label, retry_delay_s
 from apps.runs.engine.stop import exceed_budget, expire_run
 from apps.runs.models import Run, RunStatus, Step, StepStatus
 from workers.operators import REGISTRY
@@ -363,7 +363,7 @@ def fail_attempt(
                 to=StepStatus.FAILED,
                 holding_lease=claim.token,
                 lease_until=None,
-                error=f"attempt {attempt}/{most}: {error}",
+                error=attempt_label(attempt, most, error),
                 not_before=now + timedelta(seconds=delay),
                 enqueued_at=now,
                 **usage,

@@ -20,7 +20,7 @@ def stop_run(
     other running steps learn of it at their next heartbeat, and none commits anything.
     False if it had already ended."""
     with transaction.atomic():
-        before = store.lock_run(run.id).status  # the caller's copy may be out of date
+        before = store.lock_run_status(run.id)  # the caller's copy may be out of date
         stopped = store.transition_run(
             run, from_=ACTIVE_RUN_STATUSES, to=to, error=reason, finished_at=timezone.now()
         )
