@@ -23,6 +23,7 @@ from apps.runs.engine.settle import Routing, open_fanin, settle
 from apps.runs.engine.states import BUDGET_SKIP, DEADLINE, attempt_label, retry_delay_s
 from apps.runs.engine.stop import exceed_budget, expire_run
 from apps.runs.models import Run, RunStatus, Step, StepStatus
+from apps.tenants.context import current_tenant
 from workers.operators import REGISTRY
 from workers.operators.base import (
     BudgetExceeded,
@@ -130,6 +131,21 @@ def end_after_error(claim: Claimed, error: Exception) -> None:
 def claim_step(step_id: UUID, worker: str) -> Claimed | None:
     """Leases the step to this worker, after checking its run and deadlines. A step whose
     run has ended or whose deadline passed is skipped instead; an overdue run expires."""
+    token, now = uuid4(), timezone.now()
+    tenant_id = current_tenant().id
+    claimed = store.claim_at_once(
+        step_id, tenant_id, token=token, worker=worker, now=now, until=lease_until()
+    )
+    if claimed is not None:
+        step, run = claimed
+        return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
+    return _claim_or_skip(step_id, worker)
+
+
+def _claim_or_skip(step_id: UUID, worker: str) -> Claimed | None:
+    """The general claim, for the cases the one-statement claim leaves: a step already
+    taken or not yet due is left alone, one whose run ended or deadline passed is skipped,
+    an overdue run expires, and a step that became claimable meanwhile is claimed."""
     overdue = None
     with transaction.atomic():
         step = store.lock_claimable_step(step_id)
@@ -213,22 +229,25 @@ def commit_chain(
     written already done. Returns the step written leased to this worker to run next: the
     chain's failed step, else a downstream step on this worker's own queue, if any."""
     first = chain[0].claim
+    run = first.run
+    for link in chain[1:]:
+        chains.mark_done(link.claim)
+    following = broken[0] if broken is not None else _inline(chain[-1], run, inline_queue)
+    if following is not None:
+        chains.mark_leased(following)
+    # Chained steps are done, and the following step is this worker's: no message. If the
+    # worker dies before finishing that one, its lease expires and the sweeper sends one.
+    own = chains.chained_ids(chain) | ({following.step.id} if following else set())
+    if broken is None and _commit_at_once(chain, own):
+        return following
     with transaction.atomic():
         _lock_own_step(first)
-        run = first.run
         if not run.is_active:
             _end(first, StepStatus.SKIPPED, skip_reason=f"run {run.status} while running")
             return None
-        following = broken[0] if broken is not None else None
         messages: list[StepMessage] = []
         for index, link in enumerate(chain):
             step = link.claim.step
-            if index + 1 < len(chain):
-                chains.mark_done(chain[index + 1].claim)
-            else:
-                following = following or _inline(link, run, inline_queue)
-                if following is not None:
-                    chains.mark_leased(following)
             save_outputs(step, run, link.events, link.result)
             if link.routing.opened_scope is not None:
                 open_fanin(step, run, link.routing)
@@ -239,11 +258,48 @@ def commit_chain(
             else:
                 store.announce_step(step, StepStatus.DONE, {})
                 messages += settle(step, run, link.routing)
-        # Chained steps are done, and the following step is this worker's: no message. If the
-        # worker dies before finishing that one, its lease expires and the sweeper sends one.
-        own = chains.chained_ids(chain) | ({following.step.id} if following else set())
         send_on_commit([m for m in messages if m.step_id not in own])
     return following
+
+
+def _commit_at_once(chain: list[Link], own: set[UUID]) -> bool:
+    """The common commit as one statement (store.commit_at_once): a chain outside any
+    fan-out that writes only events and steps, by a step that recorded no usage. False
+    when the chain is not that simple or the statement found its case does not hold (the
+    lease lost, the run stopped, the run's last step with failures to name): the general
+    path then commits or ends it."""
+    first = chain[0].claim
+    if first.usage is not None or not first.run.is_active:
+        return False
+    for link in chain:
+        if (
+            link.claim.step.scopes
+            or link.routing.opened_scope is not None
+            or link.routing.arrivals
+            or link.result.table_rows
+        ):
+            return False
+    new_steps = [step for link in chain for step in link.routing.steps]
+    done = {
+        "finished_at": timezone.now(),
+        "duration_ms": (time.monotonic() - first.started) * 1000,
+        "operator_ms": first.operator_ms,
+    }
+    if not store.commit_at_once(
+        first.step,
+        first.token,
+        first.run,
+        done=done,
+        events=[event for link in chain for event in link.events],
+        new_steps=new_steps,
+        # Each step ended takes one off the count; each step written adds one.
+        open_delta=len(new_steps) - len(chain),
+    ):
+        return False
+    for link in chain[1:]:
+        store.announce_step(link.claim.step, StepStatus.DONE, {})
+    send_on_commit([StepMessage(s.tenant_id, s.id, s.queue) for s in new_steps if s.id not in own])
+    return True
 
 
 def _inline(link: Link, run: Run, queue: str | None) -> Claimed | None:

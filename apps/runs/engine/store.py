@@ -19,17 +19,21 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from django.db import connection, transaction
+from django.db.backends.utils import CursorWrapper
 from django.db.models import F, Model, Q
 from django.utils import timezone
 
 from apps.live.publisher import FEED
+from apps.runs.engine.rows import column_list, columns, from_row, rows_json
 from apps.runs.engine.states import (
     DEADLINE,
     check_run_transition,
     check_step_transition,
 )
 from apps.runs.models import (
+    ACTIVE_RUN_STATUSES,
     CLAIMABLE_STEP_STATUSES,
     FanIn,
     FanInArrival,
@@ -50,10 +54,14 @@ def transition_run(run: Run, *, from_: tuple[str, ...], to: str, **fields: Any) 
     check_run_transition(from_, to)
     moved = Run.objects.filter(id=run.id, status__in=from_).update(status=to, **fields) == 1
     if moved:
-        frame = {"type": "run", "status": to, "error": fields.get("error", "")}
-        tenant_id, run_id = run.tenant_id, run.id
-        transaction.on_commit(lambda: FEED.frame(tenant_id, run_id, frame))
+        _announce_run(run, to, fields.get("error", ""))
     return moved
+
+
+def _announce_run(run: Run, status: str, error: str) -> None:
+    frame = {"type": "run", "status": status, "error": error}
+    tenant_id, run_id = run.tenant_id, run.id
+    transaction.on_commit(lambda: FEED.frame(tenant_id, run_id, frame))
 
 
 def run_status(run_id: UUID) -> tuple[str, datetime | None, datetime | None]:
@@ -271,6 +279,163 @@ def renew_leases(held: dict[UUID, UUID], until: datetime) -> set[UUID]:
             [until, list(held), list(held.values())],
         )
         return {row[0] for row in cursor.fetchall()}
+
+
+# -- the hot path: a claim and a commit in one statement each ----------------------------
+#
+# The common claim (a queued step of an active run, nothing overdue) and the common commit
+# (a step with no fan-in to account, leased to this worker, of an active run) are single
+# statements in autocommit: one round trip each instead of a transaction of five or six.
+# Each returns None when its case does not hold, having written nothing; the engine then
+# takes the general path, which sorts out why (and is one transaction too).
+
+
+class _PreparedCursor(psycopg.Cursor[Any]):
+    """Binds parameters on the server and prepares the statement on its first run in this
+    connection: the hot statements are long CTEs whose planning costs about as much as
+    their execution. (Django's cursors bind on the client and never prepare.)"""
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        return super().execute(query, params, prepare=True)
+
+
+def _hot_cursor() -> CursorWrapper:
+    """A prepared-statement cursor on Django's own connection (its transaction, its
+    execute wrappers)."""
+    connection.ensure_connection()
+    raw = connection.connection
+    if raw.prepare_threshold is None:
+        # Django turns preparing off (None); a threshold no statement reaches turns it back
+        # on for explicit prepares only, and Django's client-binding cursors never prepare.
+        raw.prepare_threshold = 2**31 - 1
+    return CursorWrapper(_PreparedCursor(raw), connection)
+
+
+_STEP_COLUMNS = columns(Step)
+_RUN_COLUMNS = columns(Run, leave_out=("input",))  # a run's input can be large; steps never read it
+
+
+def claim_at_once(
+    step_id: UUID, tenant_id: int, *, token: UUID, worker: str, now: datetime, until: datetime
+) -> tuple[Step, Run] | None:
+    """Leases a claimable step of an active run to this worker, and moves a queued run to
+    running; the step and run as they now are. None, with nothing written, when the step
+    is not claimable right now (done, leased, locked by another claimer, not yet due) or
+    its run or its deadline ended: claim_step's general path sorts those out."""
+    check_step_transition(CLAIMABLE_STEP_STATUSES, StepStatus.RUNNING)
+    check_run_transition((RunStatus.QUEUED,), RunStatus.RUNNING)
+    with _hot_cursor() as cursor:
+        cursor.execute(
+            "WITH target AS (SELECT s.id, s.run_id FROM runs_step s"
+            "   JOIN runs_run r ON r.id = s.run_id AND r.tenant_id = s.tenant_id"
+            "  WHERE s.id = %(step)s AND s.tenant_id = %(tenant)s"
+            "    AND s.status IN ('queued', 'failed')"
+            "    AND (s.not_before IS NULL OR s.not_before <= %(now)s)"
+            "    AND (s.deadline IS NULL OR s.deadline > %(now)s)"
+            "    AND r.status IN ('queued', 'running')"
+            "    AND (r.deadline IS NULL OR r.deadline > %(now)s)"
+            "  FOR UPDATE OF s SKIP LOCKED),"
+            " started AS (UPDATE runs_run SET status = 'running', started_at = %(now)s"
+            "  WHERE id = (SELECT run_id FROM target) AND tenant_id = %(tenant)s"
+            "    AND status = 'queued' RETURNING id),"
+            " claimed AS (UPDATE runs_step s SET status = 'running', attempt = s.attempt + 1,"
+            "    lease_until = %(until)s, lease_token = %(token)s, worker = %(worker)s,"
+            "    started_at = %(now)s, not_before = NULL, waiting = ''"
+            "  FROM target WHERE s.id = target.id"
+            f"  RETURNING {column_list(_STEP_COLUMNS, 's')})"
+            f" SELECT claimed.*, {column_list(_RUN_COLUMNS, 'r')},"
+            "   EXISTS (SELECT FROM started)"
+            " FROM claimed JOIN runs_run r ON r.id = claimed.run_id",
+            {
+                "step": step_id,
+                "tenant": tenant_id,
+                "now": now,
+                "until": until,
+                "token": token,
+                "worker": worker,
+            },
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    split = len(_STEP_COLUMNS)
+    step = from_row(Step, _STEP_COLUMNS, row[:split])
+    run = from_row(Run, _RUN_COLUMNS, row[split:-1])
+    started = row[-1]
+    if started:  # the join read the run as it was before this statement
+        run.status, run.started_at = RunStatus.RUNNING, now
+        _announce_run(run, RunStatus.RUNNING, "")
+    announce_step(step, StepStatus.RUNNING, {})
+    return step, run
+
+
+def commit_at_once(
+    step: Step,
+    token: UUID,
+    run: Run,
+    *,
+    done: dict[str, Any],
+    events: Sequence[Model],
+    new_steps: Sequence[Step],
+    open_delta: int,
+) -> bool:
+    """Ends a running step this worker holds as done with `done`'s fields, writes its
+    events and the steps they feed, and moves the run's open-step count, succeeding the run
+    when that reaches zero. False, with nothing written, when the lease is lost, the run is
+    no longer active, or the count would reach zero on a run with failures (its error
+    names them): the general path handles those. `run.status` is updated."""
+    check_step_transition((StepStatus.RUNNING,), StepStatus.DONE)
+    check_run_transition(tuple(ACTIVE_RUN_STATUSES), RunStatus.SUCCEEDED)
+    with _hot_cursor() as cursor:
+        cursor.execute(
+            # Lock order as elsewhere: the step row first, the run row last.
+            "WITH own AS (SELECT s.id FROM runs_step s"
+            "   JOIN runs_run r ON r.id = s.run_id AND r.tenant_id = s.tenant_id"
+            "  WHERE s.id = %(step)s AND s.tenant_id = %(tenant)s AND s.status = 'running'"
+            "    AND s.lease_token = %(token)s AND r.status IN ('queued', 'running')"
+            "  FOR UPDATE OF s),"
+            # Re-checked on the locked run row (a concurrent commit may have moved it).
+            " counted AS (UPDATE runs_run SET open_steps = open_steps + %(delta)s,"
+            "    status = CASE WHEN open_steps + %(delta)s = 0 THEN 'succeeded' ELSE status END,"
+            "    finished_at = CASE WHEN open_steps + %(delta)s = 0 THEN %(now)s"
+            "      ELSE finished_at END"
+            "  WHERE id = %(run)s AND tenant_id = %(tenant)s AND %(delta)s <> 0"
+            "    AND EXISTS (SELECT FROM own) AND status IN ('queued', 'running')"
+            "    AND (failures = 0 OR open_steps + %(delta)s > 0)"
+            "  RETURNING status),"
+            " go AS (SELECT FROM own WHERE %(delta)s = 0 OR EXISTS (SELECT FROM counted)),"
+            " done AS (UPDATE runs_step SET status = 'done', lease_until = NULL,"
+            "    finished_at = %(now)s, duration_ms = %(duration_ms)s,"
+            "    operator_ms = %(operator_ms)s"
+            "  WHERE id = %(step)s AND tenant_id = %(tenant)s AND EXISTS (SELECT FROM go)),"
+            " new_events AS (INSERT INTO runs_event SELECT * FROM"
+            "   jsonb_populate_recordset(NULL::runs_event, %(events)s::jsonb)"
+            "  WHERE EXISTS (SELECT FROM go)),"
+            " new_steps AS (INSERT INTO runs_step SELECT * FROM"
+            "   jsonb_populate_recordset(NULL::runs_step, %(steps)s::jsonb)"
+            "  WHERE EXISTS (SELECT FROM go))"
+            " SELECT EXISTS (SELECT FROM go), (SELECT status FROM counted)",
+            {
+                "step": step.id,
+                "tenant": run.tenant_id,
+                "token": token,
+                "run": run.id,
+                "delta": open_delta,
+                "now": done["finished_at"],
+                "duration_ms": done["duration_ms"],
+                "operator_ms": done["operator_ms"],
+                "events": rows_json(list(events)),
+                "steps": rows_json(list(new_steps)),
+            },
+        )
+        applied, run_status = cursor.fetchone()
+    if not applied:
+        return False
+    announce_step(step, StepStatus.DONE, {})
+    if run_status == RunStatus.SUCCEEDED:
+        run.status = RunStatus.SUCCEEDED
+        _announce_run(run, RunStatus.SUCCEEDED, "")
+    return True
 
 
 # -- fan-ins ------------------------------------------------------------------------------

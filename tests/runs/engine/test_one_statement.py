@@ -1,0 +1,151 @@
+"""The claim and the commit in one statement each (store.claim_at_once, commit_at_once):
+they write exactly what the general path writes, and where their case does not hold they
+write nothing and leave it to the general path."""
+
+import uuid
+from typing import Any
+
+import pytest
+from django.db.models import Model
+
+from apps.runs.engine import store
+from apps.runs.engine.context import Claimed
+from apps.runs.engine.execute import claim_step, run_claimed
+from apps.runs.models import Event, Run, RunStatus, Step, StepStatus
+from apps.tenants.context import tenant_context
+from tests.conftest import World
+from tests.runs.engine.helpers import WORKER, begin, claim, drain, only_step
+
+# A payload that JSON and PostgreSQL must both carry intact.
+AWKWARD = {"text": 'naïve — ∑ "quoted" \\ back', "n": 3, "nested": [1.5, None, True, {}]}
+
+
+def unchained(**extra: Any) -> dict[str, Any]:
+    """in -> a -> b, every node set not to chain: each step commits on its own."""
+    nodes: list[dict[str, Any]] = [
+        {"id": "in", "type": "source.manual", "chain": False},
+        {
+            "id": "a",
+            "type": "transform.template",
+            "config": {"template": "{{ text }}|{{ n }}", "output": "text"},
+            "chain": False,
+            **extra,
+        },
+        {
+            "id": "b",
+            "type": "transform.template",
+            "config": {"template": "{{ text }}!", "output": "text"},
+            "chain": False,
+        },
+    ]
+    return {"nodes": nodes, "edges": [["in", "a"], ["a", "b"]]}
+
+
+def row(obj: Model) -> dict[str, Any]:
+    return {f.attname: getattr(obj, f.attname) for f in type(obj)._meta.concrete_fields}
+
+
+@pytest.mark.django_db
+def test_the_one_statement_commit_writes_the_rows_the_orm_would(world: World) -> None:
+    run = begin(world, "rows", unchained(ttl_s=600), AWKWARD)
+    with tenant_context(world.acme):
+        first = claim(only_step(run, "in"))
+        following = run_claimed(first, inline_queue="cpu")
+        # Written leased to this worker by the source's commit, in the one statement.
+        assert following is not None and following.step.node_id == "a"
+        written = Step.objects.get(id=following.step.id)
+        assert row(written) == row(following.step)
+        assert written.status == StepStatus.RUNNING and written.deadline is not None
+        assert written.created_at is not None and written.inputs == following.step.inputs
+
+        (event,) = Event.objects.filter(producer_id=first.step.id)
+        assert event.payload == AWKWARD and event.scopes == [] and event.created_at is not None
+        assert following.events is not None
+        assert row(event) == row(following.events[0]) | {"created_at": event.created_at}
+
+        source = Step.objects.get(id=first.step.id)
+        assert source.status == StepStatus.DONE and source.lease_until is None
+        assert source.finished_at is not None and source.operator_ms is not None
+        run.refresh_from_db()
+        assert run.status == RunStatus.RUNNING and run.open_steps == 1
+
+
+@pytest.mark.django_db
+def test_a_run_whose_last_step_commits_in_one_statement_succeeds(world: World) -> None:
+    run = begin(world, "ends", unchained(), {"text": "hi", "n": 1})
+    with tenant_context(world.acme):
+        claimed: Claimed | None = claim(only_step(run, "in"))
+        while claimed is not None:
+            claimed = run_claimed(claimed, inline_queue="cpu")
+        run.refresh_from_db()
+        assert run.status == RunStatus.SUCCEEDED and run.open_steps == 0
+        assert run.finished_at is not None
+        last = only_step(run, "b")
+        assert last.status == StepStatus.DONE
+        (out,) = Event.objects.filter(producer=last)
+        assert out.payload == {"text": "hi|1!", "n": 1}
+
+
+@pytest.mark.django_db
+def test_a_commit_without_the_lease_writes_nothing(world: World) -> None:
+    run = begin(world, "lost", unchained(), {"text": "x", "n": 0})
+    with tenant_context(world.acme):
+        claimed = claim(only_step(run, "in"))
+        # Another worker took the step over meanwhile (the sweeper re-leased it).
+        Step.objects.filter(id=claimed.step.id).update(lease_token=None)
+        assert run_claimed(claimed, inline_queue="cpu") is None
+        assert not Event.objects.filter(producer_id=claimed.step.id).exists()
+        assert Step.objects.filter(run=run).count() == 1
+        assert Step.objects.get(id=claimed.step.id).status == StepStatus.RUNNING
+        assert Run.objects.get(id=run.id).open_steps == 1
+
+
+@pytest.mark.django_db
+def test_the_last_step_of_a_run_with_failures_ends_it_failed_by_name(world: World) -> None:
+    """The one-statement commit cannot name the failures, so it stands aside and the
+    general path ends the run failed with the error listing them."""
+    run = begin(world, "fails", unchained(), {"text": "x", "n": 0})
+    with tenant_context(world.acme):
+        drain(run, until="b")
+        b = only_step(run, "b")
+        # As if a branch beside this one had died: a dead step and the run's count of it.
+        Step.objects.filter(id=only_step(run, "a").id).update(status=StepStatus.DEAD, error="boom")
+        Run.objects.filter(id=run.id).update(failures=1)
+        run_claimed(claim(b), inline_queue=None)
+        run.refresh_from_db()
+        assert run.status == RunStatus.FAILED and "a: boom" in run.error
+        assert only_step(run, "b").status == StepStatus.DONE
+
+
+@pytest.mark.django_db
+def test_the_one_statement_claim_takes_a_step_once_and_starts_the_run(world: World) -> None:
+    run = begin(world, "claims", unchained(), {})
+    with tenant_context(world.acme):
+        step = only_step(run, "in")
+        claimed = store.claim_at_once(
+            step.id,
+            world.acme.id,
+            token=uuid.uuid4(),
+            worker=WORKER,
+            now=step.created_at,
+            until=step.created_at,
+        )
+        assert claimed is not None
+        taken, started = claimed
+        assert row(taken) == row(Step.objects.get(id=step.id))
+        assert taken.status == StepStatus.RUNNING and taken.attempt == 1
+        assert started.status == RunStatus.RUNNING and started.started_at is not None
+        assert Run.objects.get(id=run.id).status == RunStatus.RUNNING
+        # Taken: neither path claims it again.
+        assert claim_step(step.id, "other") is None
+
+
+@pytest.mark.django_db
+def test_no_claim_reaches_a_step_of_another_tenant(world: World) -> None:
+    run = begin(world, "mine", unchained(), {})
+    with tenant_context(world.acme):
+        step = only_step(run, "in")
+    with tenant_context(world.globex):
+        assert claim_step(step.id, WORKER) is None
+    with tenant_context(world.acme):
+        assert Step.objects.get(id=step.id).status == StepStatus.QUEUED
