@@ -5,8 +5,9 @@ lease commits nothing, so a step's outputs exist once however often it is attemp
 
 import logging
 import time
+from collections import defaultdict
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
 from django.db import transaction
@@ -137,8 +138,10 @@ def claim_step(step_id: UUID, worker: str) -> Claimed | None:
         step_id, tenant_id, token=token, worker=worker, now=now, until=lease_until()
     )
     if claimed is not None:
-        step, run = claimed
-        return Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
+        step, run, events = claimed
+        claim = Claimed(step, run, run.nodes[step.node_id], token, time.monotonic())
+        claim.events = events
+        return claim
     return _claim_or_skip(step_id, worker)
 
 
@@ -263,22 +266,19 @@ def commit_chain(
 
 
 def _commit_at_once(chain: list[Link], own: set[UUID]) -> bool:
-    """The common commit as one statement (store.commit_at_once): a chain outside any
-    fan-out that writes only events and steps, by a step that recorded no usage. False
-    when the chain is not that simple or the statement found its case does not hold (the
-    lease lost, the run stopped, the run's last step with failures to name): the general
-    path then commits or ends it."""
+    """The common commit as one statement (store.commit_at_once): a chain that writes only
+    events and steps, touches at most one fan-out scope without settling it, and recorded
+    no usage. False when the chain is not that simple or the statement found its case
+    does not hold (the lease lost, the run stopped, the run's last step with failures to
+    name): the general path then commits or ends it."""
     first = chain[0].claim
     if first.usage is not None or not first.run.is_active:
         return False
-    for link in chain:
-        if (
-            link.claim.step.scopes
-            or link.routing.opened_scope is not None
-            or link.routing.arrivals
-            or link.result.table_rows
-        ):
-            return False
+    if any(link.routing.opened_scope is not None or link.result.table_rows for link in chain):
+        return False
+    scope_move = _scope_move(chain)
+    if scope_move is False:
+        return False
     new_steps = [step for link in chain for step in link.routing.steps]
     done = {
         "finished_at": timezone.now(),
@@ -294,12 +294,36 @@ def _commit_at_once(chain: list[Link], own: set[UUID]) -> bool:
         new_steps=new_steps,
         # Each step ended takes one off the count; each step written adds one.
         open_delta=len(new_steps) - len(chain),
+        scope_move=scope_move,
     ):
         return False
     for link in chain[1:]:
         store.announce_step(link.claim.step, StepStatus.DONE, {})
     send_on_commit([StepMessage(s.tenant_id, s.id, s.queue) for s in new_steps if s.id not in own])
     return True
+
+
+def _scope_move(chain: list[Link]) -> store.ScopeMove | Literal[False] | None:
+    """What the chain does to fan-out scopes, as settle._move_fanins counts it (a step ends
+    in its scope, a step it feeds begins there, an output reaches a collect): None when it
+    touches none, False when it touches more than one (the general path's work)."""
+    pending: dict[UUID, int] = defaultdict(int)
+    arrived: dict[UUID, list[UUID]] = defaultdict(list)
+    for link in chain:
+        if link.claim.step.scope is not None:
+            pending[link.claim.step.scope] -= 1
+        for child in link.routing.steps:
+            if child.scope is not None:
+                pending[child.scope] += 1
+        for scope, event_ids in link.routing.arrivals.items():
+            arrived[scope] += event_ids
+    touched = set(pending) | set(arrived)
+    if not touched:
+        return None
+    if len(touched) > 1:
+        return False
+    (scope,) = touched
+    return store.ScopeMove(scope, pending[scope], arrived[scope])
 
 
 def _inline(link: Link, run: Run, queue: str | None) -> Claimed | None:

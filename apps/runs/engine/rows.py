@@ -52,3 +52,17 @@ def from_row(model: type[M], fields: list["Field[Any, Any]"], values: tuple[Any,
         from_db = getattr(field, "from_db_value", None)
         converted.append(value if from_db is None else from_db(value, None, connection))
     return model.from_db("default", [f.attname for f in fields], converted)
+
+
+def from_json(model: type[M], fields: list["Field[Any, Any]"], rows: str | None) -> list[M]:
+    """Model instances from a `jsonb_agg` of whole rows (NULL when there were none)."""
+    if rows is None:
+        return []
+    return [
+        model.from_db(
+            "default",
+            [f.attname for f in fields],
+            [f.to_python(obj[str(f.column)]) for f in fields],
+        )
+        for obj in json.loads(rows)
+    ]

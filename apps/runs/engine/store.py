@@ -15,18 +15,19 @@ the statements per step).
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from django.db import connection, transaction
-from django.db.backends.utils import CursorWrapper
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 from django.db.models import F, Model, Q
 from django.utils import timezone
 
 from apps.live.publisher import FEED
-from apps.runs.engine.rows import column_list, columns, from_row, rows_json
+from apps.runs.engine.rows import column_list, columns, from_json, from_row, rows_json
 from apps.runs.engine.states import (
     DEADLINE,
     check_run_transition,
@@ -35,6 +36,7 @@ from apps.runs.engine.states import (
 from apps.runs.models import (
     ACTIVE_RUN_STATUSES,
     CLAIMABLE_STEP_STATUSES,
+    Event,
     FanIn,
     FanInArrival,
     Run,
@@ -301,72 +303,138 @@ class _PreparedCursor(psycopg.Cursor[Any]):
 
 def _hot_cursor() -> CursorWrapper:
     """A prepared-statement cursor on Django's own connection (its transaction, its
-    execute wrappers)."""
+    execute wrappers, its query log)."""
     connection.ensure_connection()
     raw = connection.connection
     if raw.prepare_threshold is None:
         # Django turns preparing off (None); a threshold no statement reaches turns it back
         # on for explicit prepares only, and Django's client-binding cursors never prepare.
         raw.prepare_threshold = 2**31 - 1
-    return CursorWrapper(_PreparedCursor(raw), connection)
+    cursor = _PreparedCursor(raw)
+    if connection.queries_logged:  # DEBUG, or a test capturing queries
+        return CursorDebugWrapper(cursor, connection)
+    return CursorWrapper(cursor, connection)
 
 
 _STEP_COLUMNS = columns(Step)
 _RUN_COLUMNS = columns(Run, leave_out=("input",))  # a run's input can be large; steps never read it
+_EVENT_COLUMNS = columns(Event)
+
+_CLAIM = (
+    "WITH target AS (SELECT s.id, s.run_id FROM runs_step s"
+    "   JOIN runs_run r ON r.id = s.run_id AND r.tenant_id = s.tenant_id"
+    "  WHERE s.id = %(step)s AND s.tenant_id = %(tenant)s"
+    "    AND s.status IN ('queued', 'failed')"
+    "    AND (s.not_before IS NULL OR s.not_before <= %(now)s)"
+    "    AND (s.deadline IS NULL OR s.deadline > %(now)s)"
+    "    AND r.status IN ('queued', 'running')"
+    "    AND (r.deadline IS NULL OR r.deadline > %(now)s)"
+    "  FOR UPDATE OF s SKIP LOCKED),"
+    " started AS (UPDATE runs_run SET status = 'running', started_at = %(now)s"
+    "  WHERE id = (SELECT run_id FROM target) AND tenant_id = %(tenant)s"
+    "    AND status = 'queued' RETURNING id),"
+    " claimed AS (UPDATE runs_step s SET status = 'running', attempt = s.attempt + 1,"
+    "    lease_until = %(until)s, lease_token = %(token)s, worker = %(worker)s,"
+    "    started_at = %(now)s, not_before = NULL, waiting = ''"
+    "  FROM target WHERE s.id = target.id"
+    f"  RETURNING {column_list(_STEP_COLUMNS, 's')})"
+    f" SELECT claimed.*, {column_list(_RUN_COLUMNS, 'r')},"
+    "   EXISTS (SELECT FROM started),"
+    # The step's input events come along: the operator reads them next.
+    "   (SELECT jsonb_agg(e) FROM runs_event e"
+    "     WHERE e.id = ANY (claimed.inputs) AND e.tenant_id = %(tenant)s)"
+    " FROM claimed JOIN runs_run r ON r.id = claimed.run_id"
+)
 
 
 def claim_at_once(
     step_id: UUID, tenant_id: int, *, token: UUID, worker: str, now: datetime, until: datetime
-) -> tuple[Step, Run] | None:
+) -> tuple[Step, Run, list[Event]] | None:
     """Leases a claimable step of an active run to this worker, and moves a queued run to
-    running; the step and run as they now are. None, with nothing written, when the step
-    is not claimable right now (done, leased, locked by another claimer, not yet due) or
-    its run or its deadline ended: claim_step's general path sorts those out."""
+    running; the step and run as they now are, and the step's input events. None, with
+    nothing written, when the step is not claimable right now (done, leased, locked by
+    another claimer, not yet due) or its run or its deadline ended: claim_step's general
+    path sorts those out."""
     check_step_transition(CLAIMABLE_STEP_STATUSES, StepStatus.RUNNING)
     check_run_transition((RunStatus.QUEUED,), RunStatus.RUNNING)
+    params: dict[str, Any] = {
+        "step": step_id,
+        "tenant": tenant_id,
+        "now": now,
+        "until": until,
+        "token": token,
+        "worker": worker,
+    }
     with _hot_cursor() as cursor:
-        cursor.execute(
-            "WITH target AS (SELECT s.id, s.run_id FROM runs_step s"
-            "   JOIN runs_run r ON r.id = s.run_id AND r.tenant_id = s.tenant_id"
-            "  WHERE s.id = %(step)s AND s.tenant_id = %(tenant)s"
-            "    AND s.status IN ('queued', 'failed')"
-            "    AND (s.not_before IS NULL OR s.not_before <= %(now)s)"
-            "    AND (s.deadline IS NULL OR s.deadline > %(now)s)"
-            "    AND r.status IN ('queued', 'running')"
-            "    AND (r.deadline IS NULL OR r.deadline > %(now)s)"
-            "  FOR UPDATE OF s SKIP LOCKED),"
-            " started AS (UPDATE runs_run SET status = 'running', started_at = %(now)s"
-            "  WHERE id = (SELECT run_id FROM target) AND tenant_id = %(tenant)s"
-            "    AND status = 'queued' RETURNING id),"
-            " claimed AS (UPDATE runs_step s SET status = 'running', attempt = s.attempt + 1,"
-            "    lease_until = %(until)s, lease_token = %(token)s, worker = %(worker)s,"
-            "    started_at = %(now)s, not_before = NULL, waiting = ''"
-            "  FROM target WHERE s.id = target.id"
-            f"  RETURNING {column_list(_STEP_COLUMNS, 's')})"
-            f" SELECT claimed.*, {column_list(_RUN_COLUMNS, 'r')},"
-            "   EXISTS (SELECT FROM started)"
-            " FROM claimed JOIN runs_run r ON r.id = claimed.run_id",
-            {
-                "step": step_id,
-                "tenant": tenant_id,
-                "now": now,
-                "until": until,
-                "token": token,
-                "worker": worker,
-            },
-        )
+        cursor.execute(_CLAIM, params)
         row = cursor.fetchone()
     if row is None:
         return None
     split = len(_STEP_COLUMNS)
     step = from_row(Step, _STEP_COLUMNS, row[:split])
-    run = from_row(Run, _RUN_COLUMNS, row[split:-1])
-    started = row[-1]
+    run = from_row(Run, _RUN_COLUMNS, row[split:-2])
+    started, events = row[-2], from_json(Event, _EVENT_COLUMNS, row[-1])
     if started:  # the join read the run as it was before this statement
         run.status, run.started_at = RunStatus.RUNNING, now
         _announce_run(run, RunStatus.RUNNING, "")
     announce_step(step, StepStatus.RUNNING, {})
-    return step, run
+    return step, run, events
+
+
+_COMMIT = (
+    "WITH own AS (SELECT s.id FROM runs_step s"
+    "   JOIN runs_run r ON r.id = s.run_id AND r.tenant_id = s.tenant_id"
+    "  WHERE s.id = %(step)s AND s.tenant_id = %(tenant)s AND s.status = 'running'"
+    "    AND s.lease_token = %(token)s AND r.status IN ('queued', 'running')"
+    "  FOR UPDATE OF s),"
+    " fanin AS (SELECT fanout_step_id AS id FROM runs_fanin"
+    "  WHERE fanout_step_id = %(scope)s AND tenant_id = %(tenant)s AND closed = ''"
+    "    AND pending + %(pending_delta)s > 0 AND EXISTS (SELECT FROM own)"
+    "  FOR UPDATE),"
+    # A row locked after a concurrent change is re-checked as it now is.
+    " counted_run AS (SELECT id FROM runs_run"
+    "  WHERE id = %(run)s AND tenant_id = %(tenant)s AND %(delta)s <> 0"
+    "    AND status IN ('queued', 'running')"
+    "    AND (failures = 0 OR open_steps + %(delta)s > 0)"
+    "    AND EXISTS (SELECT FROM own)"
+    "    AND (%(scope)s::uuid IS NULL OR EXISTS (SELECT FROM fanin))"
+    "  FOR UPDATE),"
+    " go AS (SELECT FROM own"
+    "  WHERE (%(scope)s::uuid IS NULL OR EXISTS (SELECT FROM fanin))"
+    "    AND (%(delta)s = 0 OR EXISTS (SELECT FROM counted_run))),"
+    " moved_fanin AS (UPDATE runs_fanin SET pending = pending + %(pending_delta)s"
+    "  WHERE fanout_step_id = (SELECT id FROM fanin) AND EXISTS (SELECT FROM go)),"
+    " arrivals AS (INSERT INTO runs_faninarrival (tenant_id, fanin_id, event_id)"
+    "  SELECT %(tenant)s, fanin.id, arrived FROM fanin,"
+    "    unnest(%(arrived)s::uuid[]) AS arrived WHERE EXISTS (SELECT FROM go)),"
+    " moved_run AS (UPDATE runs_run SET open_steps = open_steps + %(delta)s,"
+    "    status = CASE WHEN open_steps + %(delta)s = 0 THEN 'succeeded' ELSE status END,"
+    "    finished_at = CASE WHEN open_steps + %(delta)s = 0 THEN %(now)s"
+    "      ELSE finished_at END"
+    "  WHERE id = (SELECT id FROM counted_run) AND EXISTS (SELECT FROM go)"
+    "  RETURNING status),"
+    " done AS (UPDATE runs_step SET status = 'done', lease_until = NULL,"
+    "    finished_at = %(now)s, duration_ms = %(duration_ms)s,"
+    "    operator_ms = %(operator_ms)s"
+    "  WHERE id = (SELECT id FROM own) AND EXISTS (SELECT FROM go)),"
+    " new_events AS (INSERT INTO runs_event SELECT * FROM"
+    "   jsonb_populate_recordset(NULL::runs_event, %(events)s::jsonb)"
+    "  WHERE EXISTS (SELECT FROM go)),"
+    " new_steps AS (INSERT INTO runs_step SELECT * FROM"
+    "   jsonb_populate_recordset(NULL::runs_step, %(steps)s::jsonb)"
+    "  WHERE EXISTS (SELECT FROM go))"
+    " SELECT EXISTS (SELECT FROM go), (SELECT status FROM moved_run)"
+)
+
+
+@dataclass(frozen=True)
+class ScopeMove:
+    """What a commit does to one fan-out scope: its pending count moves by `pending_delta`
+    and `arrived` events reach its collect."""
+
+    scope: UUID
+    pending_delta: int
+    arrived: list[UUID]
 
 
 def commit_at_once(
@@ -378,49 +446,34 @@ def commit_at_once(
     events: Sequence[Model],
     new_steps: Sequence[Step],
     open_delta: int,
+    scope_move: ScopeMove | None = None,
 ) -> bool:
     """Ends a running step this worker holds as done with `done`'s fields, writes its
-    events and the steps they feed, and moves the run's open-step count, succeeding the run
-    when that reaches zero. False, with nothing written, when the lease is lost, the run is
-    no longer active, or the count would reach zero on a run with failures (its error
-    names them): the general path handles those. `run.status` is updated."""
+    events and the steps they feed, moves one fan-out scope's pending count (with its
+    arrivals) and the run's open-step count, succeeding the run when that reaches zero.
+
+    False, with nothing written, when the lease is lost, the run is no longer active, the
+    scope would settle (its collect fires: settle.py's work), or the run's count would
+    reach zero with failures to name: the general path handles those. `run.status` is
+    updated.
+
+    Every row the statement changes is locked first, in the engine's lock order (the step,
+    the fan-in, the run), by CTEs that also check the conditions; the writes depend on all
+    the checks, so the statement writes everything or nothing."""
     check_step_transition((StepStatus.RUNNING,), StepStatus.DONE)
     check_run_transition(tuple(ACTIVE_RUN_STATUSES), RunStatus.SUCCEEDED)
     with _hot_cursor() as cursor:
         cursor.execute(
-            # Lock order as elsewhere: the step row first, the run row last.
-            "WITH own AS (SELECT s.id FROM runs_step s"
-            "   JOIN runs_run r ON r.id = s.run_id AND r.tenant_id = s.tenant_id"
-            "  WHERE s.id = %(step)s AND s.tenant_id = %(tenant)s AND s.status = 'running'"
-            "    AND s.lease_token = %(token)s AND r.status IN ('queued', 'running')"
-            "  FOR UPDATE OF s),"
-            # Re-checked on the locked run row (a concurrent commit may have moved it).
-            " counted AS (UPDATE runs_run SET open_steps = open_steps + %(delta)s,"
-            "    status = CASE WHEN open_steps + %(delta)s = 0 THEN 'succeeded' ELSE status END,"
-            "    finished_at = CASE WHEN open_steps + %(delta)s = 0 THEN %(now)s"
-            "      ELSE finished_at END"
-            "  WHERE id = %(run)s AND tenant_id = %(tenant)s AND %(delta)s <> 0"
-            "    AND EXISTS (SELECT FROM own) AND status IN ('queued', 'running')"
-            "    AND (failures = 0 OR open_steps + %(delta)s > 0)"
-            "  RETURNING status),"
-            " go AS (SELECT FROM own WHERE %(delta)s = 0 OR EXISTS (SELECT FROM counted)),"
-            " done AS (UPDATE runs_step SET status = 'done', lease_until = NULL,"
-            "    finished_at = %(now)s, duration_ms = %(duration_ms)s,"
-            "    operator_ms = %(operator_ms)s"
-            "  WHERE id = %(step)s AND tenant_id = %(tenant)s AND EXISTS (SELECT FROM go)),"
-            " new_events AS (INSERT INTO runs_event SELECT * FROM"
-            "   jsonb_populate_recordset(NULL::runs_event, %(events)s::jsonb)"
-            "  WHERE EXISTS (SELECT FROM go)),"
-            " new_steps AS (INSERT INTO runs_step SELECT * FROM"
-            "   jsonb_populate_recordset(NULL::runs_step, %(steps)s::jsonb)"
-            "  WHERE EXISTS (SELECT FROM go))"
-            " SELECT EXISTS (SELECT FROM go), (SELECT status FROM counted)",
+            _COMMIT,
             {
                 "step": step.id,
                 "tenant": run.tenant_id,
                 "token": token,
                 "run": run.id,
                 "delta": open_delta,
+                "scope": scope_move.scope if scope_move else None,
+                "pending_delta": scope_move.pending_delta if scope_move else 0,
+                "arrived": scope_move.arrived if scope_move else [],
                 "now": done["finished_at"],
                 "duration_ms": done["duration_ms"],
                 "operator_ms": done["operator_ms"],

@@ -6,15 +6,17 @@ import uuid
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.db.models import Model
+from django.test.utils import CaptureQueriesContext
 
 from apps.runs.engine import store
 from apps.runs.engine.context import Claimed
 from apps.runs.engine.execute import claim_step, run_claimed
-from apps.runs.models import Event, Run, RunStatus, Step, StepStatus
+from apps.runs.models import Event, FanIn, FanInClosed, Run, RunStatus, Step, StepStatus
 from apps.tenants.context import tenant_context
 from tests.conftest import World
-from tests.runs.engine.helpers import WORKER, begin, claim, drain, only_step
+from tests.runs.engine.helpers import FANOUT_SPEC, WORKER, begin, claim, drain, only_step
 
 # A payload that JSON and PostgreSQL must both carry intact.
 AWKWARD = {"text": 'naïve — ∑ "quoted" \\ back', "n": 3, "nested": [1.5, None, True, {}]}
@@ -131,8 +133,9 @@ def test_the_one_statement_claim_takes_a_step_once_and_starts_the_run(world: Wor
             until=step.created_at,
         )
         assert claimed is not None
-        taken, started = claimed
+        taken, started, inputs = claimed
         assert row(taken) == row(Step.objects.get(id=step.id))
+        assert [row(e) for e in inputs] == [row(Event.objects.get(id=i)) for i in step.inputs]
         assert taken.status == StepStatus.RUNNING and taken.attempt == 1
         assert started.status == RunStatus.RUNNING and started.started_at is not None
         assert Run.objects.get(id=run.id).status == RunStatus.RUNNING
@@ -149,3 +152,32 @@ def test_no_claim_reaches_a_step_of_another_tenant(world: World) -> None:
         assert claim_step(step.id, WORKER) is None
     with tenant_context(world.acme):
         assert Step.objects.get(id=step.id).status == StepStatus.QUEUED
+
+
+@pytest.mark.django_db
+def test_an_item_of_a_fan_out_commits_in_one_statement_until_its_scope_settles(
+    world: World,
+) -> None:
+    run = begin(world, "items", FANOUT_SPEC, {"items": [{"name": n} for n in "abc"]})
+    with tenant_context(world.acme):
+        drain(run, until="shape")
+        split = only_step(run, "split")
+        items = [claim(only_step(run, "shape", item)) for item in range(3)]
+        for done, item in enumerate(items[:2], 1):
+            with CaptureQueriesContext(connection) as queries:
+                assert run_claimed(item, inline_queue=None) is None
+            assert len(queries) == 1, [q["sql"][:60] for q in queries]
+            fanin = FanIn.objects.get(fanout_step=split)
+            assert fanin.pending == 3 - done and fanin.closed == FanInClosed.OPEN
+            assert fanin.arrivals.count() == done
+            assert Run.objects.get(id=run.id).open_steps == 3 - done
+        # The last item settles the scope: the general path fires the collect.
+        run_claimed(items[2], inline_queue=None)
+        fanin.refresh_from_db()
+        assert fanin.pending == 0 and fanin.closed == FanInClosed.COLLECTED
+        gather = only_step(run, "gather")
+        arrived = list(fanin.arrivals.order_by("id").values_list("event_id", flat=True))
+        assert sorted(gather.inputs) == sorted(arrived) and len(arrived) == 3
+        drain(run)
+        run.refresh_from_db()
+        assert run.status == RunStatus.SUCCEEDED
