@@ -8,10 +8,14 @@ A status changes only through a conditional UPDATE from the statuses the caller 
 checked against the allowed transitions (states.py): a race (a cancel against the last
 step's commit) shows as False; a transition the state machine forbids raises.
 
-Some hot paths are hand-written SQL, one round trip per decision: the run's open-step
-count, locking a worker's own step with its run's status, the retry budget, lease
-renewal and a stop's skips. The rest still goes through the ORM (bench overhead counts
-the statements per step).
+The hot path is hand-written SQL, one round trip per decision. The common claim and the
+common commit (claim_at_once, commit_at_once) are one prepared statement each, in
+autocommit: a step that feeds the next costs two statements, or one when the next is
+written already leased to the same worker. So are the run's open-step count, locking a
+worker's own step with its run's status, the retry budget, lease renewal and a stop's
+skips. The general path (fan-outs opening and settling, failures, usage, sink rows) goes
+through the ORM in one transaction per decision (bench overhead counts the statements
+per step).
 """
 
 from collections.abc import Sequence
@@ -286,10 +290,10 @@ def renew_leases(held: dict[UUID, UUID], until: datetime) -> set[UUID]:
 # -- the hot path: a claim and a commit in one statement each ----------------------------
 #
 # The common claim (a queued step of an active run, nothing overdue) and the common commit
-# (a step with no fan-in to account, leased to this worker, of an active run) are single
+# (a step leased to this worker, of an active run, that settles no fan-out) are single
 # statements in autocommit: one round trip each instead of a transaction of five or six.
-# Each returns None when its case does not hold, having written nothing; the engine then
-# takes the general path, which sorts out why (and is one transaction too).
+# Each reports when its case does not hold, having written nothing; the engine then takes
+# the general path, which sorts out why (and is one transaction too).
 
 
 class _PreparedCursor(psycopg.Cursor[Any]):
