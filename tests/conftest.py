@@ -7,6 +7,7 @@ from django.contrib.auth.models import AbstractBaseUser
 
 from apps.graphs.models import StreamGraph
 from apps.graphs.services import create_graph
+from apps.live.publisher import FEED
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Role, Tenant
 from apps.tenants.services import add_member, create_tenant
@@ -17,6 +18,14 @@ from workers.queues import CPU_WORKER_QUEUES
 @pytest.fixture(scope="session", autouse=True)
 def _fresh_logs() -> None:
     shutil.rmtree(LOG_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _feed_archive_let_go(django_db_setup: None) -> Iterator[None]:
+    """Torn down before the test database is dropped: the live feed's archive thread keeps
+    its connection while frames keep coming, and lets go of it on a flush."""
+    yield
+    FEED.flush()
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from uuid import UUID
 from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection
 from django.db.models import Max
+from redis.exceptions import NoScriptError
 
 from apps.live import feed
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 DRAIN_MAX = 5000  # items taken from the queue per pass
 ARCHIVE_EVERY_S = 0.25
 ARCHIVE_BATCH = 2000
+ARCHIVE_IDLE_S = 2.0  # the archive's connection is closed after this long without frames
 
 
 @dataclass
@@ -239,12 +241,17 @@ class FeedPublisher:
             run_id: [json.dumps(body, separators=(",", ":")) for body in frames]
             for run_id, (_, frames) in outbox.runs.items()
         }
+        # EVALSHA by hand: a registered script in a pipeline asks the server whether it has
+        # the script (SCRIPT EXISTS, one more round trip) on every execute.
         pipe = client.pipeline(transaction=False)
         for run_id, texts in bodies.items():
-            append(keys=_keys(run_id), args=[*_script_args(run_id), *texts], client=pipe)
+            keys = _keys(run_id)
+            pipe.evalsha(append.sha, len(keys), *keys, *_script_args(run_id), *texts)
         firsts = pipe.execute(raise_on_error=False)
         for (run_id, (tenant_id, frames)), first in zip(outbox.runs.items(), firsts, strict=True):
             texts = bodies[run_id]
+            if isinstance(first, NoScriptError):  # a new or restarted server: load it, once
+                first = append(keys=_keys(run_id), args=[*_script_args(run_id), *texts])
             if isinstance(first, Exception):
                 logger.error("feed: run %s: %d frames not published: %s", run_id, len(texts), first)
                 continue
@@ -290,7 +297,13 @@ class FrameArchive:
 
     def _run(self) -> None:
         while True:
-            items = [self._queue.get()]
+            try:
+                items = [self._queue.get(timeout=ARCHIVE_IDLE_S)]
+            except queue.Empty:
+                # Idle: hold no connection (a database may be dropped). Not after every
+                # batch: a busy worker would reconnect a few times a second.
+                connection.close()
+                items = [self._queue.get()]
             until = time.monotonic() + ARCHIVE_EVERY_S
             rows = sum(len(i[5]) for i in items if i[0] == "rows")
             synced = items[0][0] == "sync"
@@ -307,8 +320,8 @@ class FrameArchive:
                 self._write([i for i in items if i[0] == "rows"])
             except Exception:
                 logger.exception("feed: archiving %d frames failed", rows)
-            if self._queue.empty():
-                connection.close()  # idle: hold no connection (a database may be dropped)
+            if synced and self._queue.empty():
+                connection.close()  # someone waits on the archive: maybe to drop its database
             for item in items:
                 if item[0] == "sync":
                     item[1].set()
