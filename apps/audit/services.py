@@ -30,10 +30,33 @@ def record(
     before: dict[str, Any] | None = None,
     after: dict[str, Any] | None = None,
 ) -> AuditEntry:
-    user = actor if isinstance(actor, AbstractBaseUser) else None
-    return AuditEntry.unscoped_all_tenants.create(
-        tenant=tenant,
-        actor=user,
+    entry = new_entry(
+        tenant_id=tenant.pk,
+        actor=actor,
+        action=action,
+        target_type=target_type,
+        target_id=target_id,
+        before=before,
+        after=after,
+    )
+    entry.save()
+    return entry
+
+
+def new_entry(
+    *,
+    tenant_id: int,
+    actor: Actor,
+    action: str,
+    target_type: str,
+    target_id: object,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """An entry not yet saved, for a writer that saves it with the change in one statement."""
+    return AuditEntry(
+        tenant_id=tenant_id,
+        actor_id=actor.pk if isinstance(actor, AbstractBaseUser) else None,
         actor_label=actor_label(actor),
         action=action,
         target_type=target_type,

@@ -34,13 +34,13 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to a row")
 
 
-def rows_json(objects: list[M]) -> str:
+def rows_json(objects: list[M], *, leave_out: tuple[str, ...] = ()) -> str:
     """New rows as a JSON array of objects keyed by column, every column present (a missing
-    key would be written NULL), each value as saving the object would give it (defaults
-    and auto_now_add filled in by the fields themselves)."""
+    key would be written NULL) but those left out, each value as saving the object would
+    give it (defaults and auto_now_add filled in by the fields themselves)."""
     if not objects:
         return "[]"
-    fields = columns(type(objects[0]))
+    fields = columns(type(objects[0]), leave_out=leave_out)
     rows = [{str(f.column): f.pre_save(obj, add=True) for f in fields} for obj in objects]
     return json.dumps(rows, default=_plain)
 

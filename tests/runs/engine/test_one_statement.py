@@ -10,11 +10,14 @@ from django.db import connection
 from django.db.models import Model
 from django.test.utils import CaptureQueriesContext
 
+from apps.audit.models import AuditEntry
 from apps.runs.engine import store
 from apps.runs.engine.context import Claimed
 from apps.runs.engine.execute import claim_step, run_claimed
 from apps.runs.models import Event, FanIn, FanInClosed, Run, RunStatus, Step, StepStatus
+from apps.runs.services import InvalidInput, start_run
 from apps.tenants.context import tenant_context
+from apps.tenants.models import Tenant
 from tests.conftest import World
 from tests.runs.engine.helpers import FANOUT_SPEC, WORKER, begin, claim, drain, only_step
 
@@ -181,3 +184,43 @@ def test_an_item_of_a_fan_out_commits_in_one_statement_until_its_scope_settles(
         drain(run)
         run.refresh_from_db()
         assert run.status == RunStatus.SUCCEEDED
+
+
+@pytest.mark.django_db
+def test_a_run_starts_in_one_statement_with_its_event_source_step_and_audit_entry(
+    world: World,
+) -> None:
+    version = world.graph("starts", unchained()).live_version()
+    statements: list[str] = []
+
+    def record(execute: Any, sql: str, *args: Any) -> Any:
+        statements.append(sql)
+        return execute(sql, *args)
+
+    with tenant_context(world.acme), connection.execute_wrapper(record):
+        run = start_run(version=version, payload={"text": "x", "n": 1}, actor=world.owner)
+    assert len([sql for sql in statements if "INSERT" in sql or "UPDATE" in sql]) == 1
+    with tenant_context(world.acme):
+        saved = Run.objects.get(id=run.id)
+        assert row(saved) | {"input": run.input} == row(run)
+        assert saved.open_steps == 1 and saved.status == RunStatus.QUEUED
+        (event,) = Event.objects.filter(run=run)
+        assert event.payload == {"text": "x", "n": 1} and event.producer_id is None
+        source = only_step(run, "in")
+        assert source.inputs == [event.id] and source.status == StepStatus.QUEUED
+    entry = AuditEntry.unscoped_all_tenants.get(action="run.start", target_id=str(run.id))
+    assert entry.tenant_id == world.acme.id and entry.actor_id == world.owner.pk
+    assert entry.after == {"graph": "starts", "version": 1, "kind": "interactive"}
+
+
+@pytest.mark.django_db
+def test_a_tenant_with_run_quotas_starts_runs_in_the_checked_transaction(world: World) -> None:
+    version = world.graph("quota", unchained()).live_version()
+    Tenant.objects.filter(id=world.acme.id).update(max_active_runs=1)
+    with tenant_context(world.acme):
+        first = start_run(version=version, payload={}, actor=world.owner)
+        assert only_step(first, "in").status == StepStatus.QUEUED
+        assert Run.objects.get(id=first.id).open_steps == 1
+        with pytest.raises(InvalidInput, match="limit is 1"):
+            start_run(version=version, payload={}, actor=world.owner)
+        assert Run.objects.count() == 1
