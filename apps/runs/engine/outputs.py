@@ -6,6 +6,7 @@ from uuid import UUID
 from django.db.models import F
 from django.utils import timezone
 
+from apps.runs.engine import store
 from apps.runs.engine.effects import digest, effect_key
 from apps.runs.models import Effect, EffectStatus, Event, ResultRow, Run, Step, Usage
 from workers.operators.base import StepResult, UsageRecord
@@ -45,7 +46,7 @@ def output_events(
 
 
 def save_outputs(step: Step, run: Run, events: list[Event], result: StepResult) -> None:
-    Event.objects.bulk_create(events)
+    store.create_rows(events)
     for table, row in result.table_rows:
         write_table_row(step, run, table, row)
 

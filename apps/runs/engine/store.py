@@ -156,8 +156,20 @@ def reopen_for_replay(run: Run, *, steps: int, failures_taken_back: int) -> None
 # -- steps --------------------------------------------------------------------------------
 
 
+# From this many rows on, new rows go by COPY: a fan-out's thousands of items.
+COPY_FROM = 10
+
+
 def create_steps(steps: Sequence[Step]) -> None:
-    Step.objects.bulk_create(steps)
+    create_rows(steps)
+
+
+def create_rows(objects: Sequence[Model]) -> None:
+    """New rows of one model: by COPY when they are many, else one INSERT."""
+    if len(objects) >= COPY_FROM:
+        copy_new_rows(objects)
+    elif objects:
+        type(objects[0]).objects.bulk_create(objects)  # type: ignore[attr-defined]
 
 
 def copy_new_rows(objects: Sequence[Model]) -> None:

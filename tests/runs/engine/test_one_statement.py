@@ -224,3 +224,22 @@ def test_a_tenant_with_run_quotas_starts_runs_in_the_checked_transaction(world: 
         with pytest.raises(InvalidInput, match="limit is 1"):
             start_run(version=version, payload={}, actor=world.owner)
         assert Run.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_a_wide_fan_out_copies_its_items_in_and_collects_every_one(world: World) -> None:
+    """Past store.COPY_FROM rows, a fan-out's events and item steps are written by COPY."""
+    names = [f"n{i}" for i in range(store.COPY_FROM + 2)]
+    run = begin(world, "wide", FANOUT_SPEC, {"items": [{"name": n} for n in names]})
+    drain(run)
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED
+    with tenant_context(world.acme):
+        split = only_step(run, "split")
+        items = Event.objects.filter(producer=split).order_by("seq")
+        assert [e.payload["item"]["name"] for e in items] == names
+        assert all(e.scopes == [[str(split.id), e.seq, "split"]] for e in items)
+        shaped = Step.objects.filter(run=run, node_id="shape")
+        assert sorted(shaped.values_list("item_index", flat=True)) == list(range(len(names)))
+        (out,) = Event.objects.filter(producer=only_step(run, "gather"))
+        assert len(out.payload["items"]) == len(names)
