@@ -20,25 +20,9 @@ def actor_label(actor: Actor) -> str:
     return actor.get_username()
 
 
-def record(
-    *,
-    tenant: Tenant,
-    actor: Actor,
-    action: str,
-    target_type: str,
-    target_id: object,
-    before: dict[str, Any] | None = None,
-    after: dict[str, Any] | None = None,
-) -> AuditEntry:
-    entry = new_entry(
-        tenant_id=tenant.pk,
-        actor=actor,
-        action=action,
-        target_type=target_type,
-        target_id=target_id,
-        before=before,
-        after=after,
-    )
+def record(*, tenant: Tenant, actor: Actor, **fields: Any) -> AuditEntry:
+    """Saves an entry (new_entry's fields) for `tenant`, in the caller's transaction."""
+    entry = new_entry(tenant_id=tenant.pk, actor=actor, **fields)
     entry.save()
     return entry
 
