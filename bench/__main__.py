@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from bench import batching, chain, chaos, ingest, overhead, storm, stream, zombie
+from bench import batching, chain, chaos, ingest, kafka, overhead, storm, stream, zombie
 
 BENCHMARKS = {
     "chain": chain.main,
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "stream": stream.main,
     "ingest": ingest.main,
     "storm": storm.main,
+    "kafka": kafka.main,
 }
 # Sizes only the stream benchmark takes; the others have --quick and their full size.
 STREAM_OPTIONS = ("clients", "rate", "seconds")

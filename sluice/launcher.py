@@ -1,8 +1,10 @@
 """`make run`: start Sluice and everything it needs on one machine, stop it all on Ctrl-C.
 
-Order: embedded PostgreSQL and Redis (unless DATABASE_URL / REDIS_URL point elsewhere),
-migrate, seed the demo tenant, then the ASGI server, the Celery workers and beat. If any
-of them exits on its own, everything stops: a half-running platform hides the failure.
+Order: embedded PostgreSQL and Redis (unless DATABASE_URL / REDIS_URL point elsewhere), a
+Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS points elsewhere, SLUICE_KAFKA=off, or there is
+no Java), migrate, seed the demo tenant, then the ASGI server, the Celery workers, beat and
+the Kafka worker. If any of them exits on its own, everything stops: a half-running
+platform hides the failure.
 
 No Django imports: Django runs in the children, configured by the environment built here.
 """
@@ -16,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from sluice import embedded, embedded_paths, processes
+from sluice import embedded, embedded_paths, kafka_broker, processes
 from sluice.env import env_int
 from workers.queues import CPU_WORKER_QUEUES
 
 HTTP_WAIT_S = 60.0
+DEFAULT_KAFKA_PORT = 9092
+DEFAULT_KAFKA_CONTROLLER_PORT = 9093
 POLL_S = 0.2
 
 
@@ -42,6 +46,9 @@ class _Launch:
     var_dir: Path
     postgres_dir: Path | None = None
     redis: subprocess.Popen[bytes] | None = None
+    kafka: subprocess.Popen[bytes] | None = None
+    # Whether the children get a Kafka (ours or the environment's) and a Kafka worker.
+    kafka_on: bool = False
     children: list[_Child] = field(default_factory=list)
 
 
@@ -127,7 +134,50 @@ def _start_services(launch: _Launch) -> dict[str, str]:
         except RuntimeError as exc:
             raise LaunchError(f"{exc}\nSet SLUICE_REDIS_PORT to use another port.") from None
         env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    _start_kafka(launch, env)
     return env
+
+
+def _start_kafka(launch: _Launch, env: dict[str, str]) -> None:
+    """Start the broker unless KAFKA_BOOTSTRAP_SERVERS names one, Kafka is switched off, or
+    Java is missing; the platform runs without Kafka, but streams cannot read from it."""
+    if env.get("SLUICE_KAFKA", "").lower() == "off":
+        env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+        _say("Kafka is off (SLUICE_KAFKA=off): no broker, no Kafka worker.")
+        return
+    if env.get("KAFKA_BOOTSTRAP_SERVERS"):
+        launch.kafka_on = True
+        return
+    if not kafka_broker.java_available():
+        _say(
+            "Kafka is off: its broker needs Java and Maven (apt-get install default-jre-headless"
+            " maven), or set KAFKA_BOOTSTRAP_SERVERS. Streams cannot read from Kafka until then."
+        )
+        return
+    port = _env_int("SLUICE_KAFKA_PORT", DEFAULT_KAFKA_PORT)
+    controller_port = _env_int("SLUICE_KAFKA_CONTROLLER_PORT", DEFAULT_KAFKA_CONTROLLER_PORT)
+    launch.kafka = _start_broker(launch, port, controller_port)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_broker.bootstrap_for(port)
+    launch.kafka_on = True
+
+
+def _start_broker(launch: _Launch, port: int, controller_port: int) -> subprocess.Popen[bytes]:
+    libs_dir = kafka_broker.default_libs_dir()
+    work_dir = launch.var_dir / "kafka" / "broker"
+    try:
+        if not kafka_broker.jars_ready(libs_dir):
+            _say(f"Fetching Kafka jars into {libs_dir} (once) ...")
+        kafka_broker.ensure_jars(libs_dir)
+        _say(f"Starting Kafka on 127.0.0.1:{port} ...")
+        return kafka_broker.start_broker(
+            work_dir, port, controller_port, libs_dir, check=_StopSignal.check
+        )
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        _StopSignal.check()  # Ctrl-C reaches Maven too: then this is a stop, not a failure
+        raise LaunchError(
+            f"{exc}\nSet SLUICE_KAFKA_PORT / SLUICE_KAFKA_CONTROLLER_PORT to use other ports,"
+            " or SLUICE_KAFKA=off to run without Kafka."
+        ) from None
 
 
 def _prepare_database(env: dict[str, str], log_dir: Path) -> None:
@@ -171,6 +221,8 @@ def _start_children(launch: _Launch, env: dict[str, str], port: int, log_dir: Pa
         ),
         "beat": processes.beat_argv(launch.var_dir / "celerybeat-schedule"),
     }
+    if launch.kafka_on:
+        commands["kafka-worker"] = processes.kafka_worker_argv()
     for name, argv in commands.items():
         log_path = log_dir / f"{name}.log"
         proc = processes.spawn(argv, env=env, log_path=log_path)
@@ -194,8 +246,7 @@ def _wait_until_serving(launch: _Launch, url: str) -> None:
 def _supervise(launch: _Launch) -> None:
     """Return when a child exits on its own; Ctrl-C/SIGTERM raises _Stopped."""
     known = {child.proc.pid for child in launch.children}
-    if launch.redis is not None:
-        known.add(launch.redis.pid)
+    known.update(p.pid for p in (launch.redis, launch.kafka) if p is not None)
     while True:
         _StopSignal.check()
         try:
@@ -217,16 +268,21 @@ def _raise_if_any_exited(launch: _Launch) -> None:
     if launch.redis is not None and launch.redis.poll() is not None:
         log = launch.var_dir / "redis" / "redis.log"
         raise LaunchError(f"Redis exited with code {launch.redis.returncode}; see {log}")
+    if launch.kafka is not None and launch.kafka.poll() is not None:
+        log = launch.var_dir / "kafka" / "broker" / "kafka.log"
+        raise LaunchError(f"Kafka exited with code {launch.kafka.returncode}; see {log}")
     if launch.postgres_dir is not None and not embedded.postgres_running(launch.postgres_dir):
         raise LaunchError(f"PostgreSQL stopped; see {launch.postgres_dir / 'log'}")
 
 
 def _shutdown(launch: _Launch) -> None:
-    """Children first (they hold connections), then Redis, then PostgreSQL."""
+    """Children first (they hold connections), then Kafka, Redis, PostgreSQL."""
     # A second Ctrl-C must not cut the shutdown short: it is bounded by timeouts anyway.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     processes.stop_all([child.proc for child in launch.children])
+    if launch.kafka is not None:
+        kafka_broker.stop_broker(launch.kafka)
     if launch.redis is not None:
         embedded.stop_redis(launch.redis)
     if launch.postgres_dir is not None:

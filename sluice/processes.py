@@ -51,6 +51,11 @@ def beat_argv(schedule_file: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def kafka_worker_argv() -> list[str]:
+    """Consumes the Kafka topics of stream deployments (apps/streams' kafka_worker command)."""
+    return [sys.executable, str(BASE_DIR / "manage.py"), "kafka_worker"]
+
+
 def manage_argv(*args: str) -> list[str]:
     return [sys.executable, str(BASE_DIR / "manage.py"), *args]
 

@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "apps.graphs",
     "apps.runs",
     "apps.live",
+    "apps.streams",
     "apps.secrets",
     "apps.usage",
     "apps.editor",
@@ -113,6 +114,11 @@ CHANNEL_LAYERS = {
         "CONFIG": {"hosts": [redis_url_with_db(REDIS_URL, 2)], "serializer_format": "json"},
     }
 }
+
+# Kafka, for stream deployments that read a topic: `make run` and the test harness start a
+# one-node broker when Java and Maven are present. Empty means no Kafka: deploying a stream
+# from Kafka is refused with an error that says so.
+KAFKA_BOOTSTRAP_SERVERS = env_str("KAFKA_BOOTSTRAP_SERVERS", "")
 
 # Celery: the broker is Redis by default; PostgreSQL stays the truth (DESIGN "Shape").
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", redis_url_with_db(REDIS_URL, 0))

@@ -1,3 +1,4 @@
+import os
 import shutil
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ from apps.tenants.context import tenant_context
 from apps.tenants.models import Role, Tenant
 from apps.tenants.services import add_member, create_tenant
 from tests.harness.platform import LOG_DIR, Platform
+from tests.harness.plugin import KafkaUnavailable, wait_for_kafka
 from workers.queues import CPU_WORKER_QUEUES
 
 
@@ -26,6 +28,18 @@ def _feed_archive_let_go(django_db_setup: None) -> Iterator[None]:
     its connection while frames keep coming, and lets go of it on a flush."""
     yield
     FEED.flush()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """The session's Kafka (`host:port`), once it answers. Without Java and Maven there is
+    none: Kafka tests skip here, and fail under CI, which installs both."""
+    try:
+        return wait_for_kafka()
+    except KafkaUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc}: CI runs every Kafka test")
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

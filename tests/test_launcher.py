@@ -1,5 +1,6 @@
-"""`make run` end to end: the launcher starts the embedded services and every process,
-serves the login page, and on Ctrl-C stops all of it and leaves nothing running."""
+"""`make run` end to end: the launcher starts the embedded services (Kafka too, where Java
+and Maven are present) and every process, serves the login page, and on Ctrl-C stops all
+of it and leaves nothing running."""
 
 import os
 import secrets
@@ -15,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from sluice import embedded, embedded_paths
+from sluice import embedded, embedded_paths, kafka_broker
 
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 60
@@ -27,9 +28,14 @@ def _launcher_env(var_dir: Path) -> dict[str, str]:
     # its embedded ones.
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    # The jars every session shares, not a fetch into this test's fresh var dir.
+    env["SLUICE_KAFKA_LIBS"] = str(kafka_broker.default_libs_dir().resolve())
     env["SLUICE_VAR_DIR"] = str(var_dir)
     env["PORT"] = str(embedded.free_port())
     env["SLUICE_REDIS_PORT"] = str(embedded.free_port())
+    env["SLUICE_KAFKA_PORT"] = str(embedded.free_port())
+    env["SLUICE_KAFKA_CONTROLLER_PORT"] = str(embedded.free_port())
     return env
 
 
@@ -156,6 +162,28 @@ def _launch_check_and_stop(var_dir: Path) -> list[tuple[object, ...]]:
         _force_cleanup(launcher, var_dir)
 
 
+def _expects_kafka() -> bool:
+    """The launcher starts a broker unless told not to or without Java and Maven."""
+    return os.environ.get("SLUICE_KAFKA", "").lower() != "off" and kafka_broker.java_available()
+
+
+def _kafka_dir(var_dir: Path) -> Path:
+    return var_dir / "kafka" / "broker"
+
+
+def _broker_pid(var_dir: Path) -> int | None:
+    try:
+        return int((_kafka_dir(var_dir) / "kafka.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _cluster_id(var_dir: Path) -> str:
+    """Kafka's storage outlives a restart: the second launch serves the same cluster."""
+    meta = _kafka_dir(var_dir) / "data" / "meta.properties"
+    return next(line for line in meta.read_text().splitlines() if line.startswith("cluster.id="))
+
+
 def _demo_data(pg_dir: Path) -> list[tuple[object, ...]]:
     with psycopg.connect(embedded_paths.embedded_database_url(pg_dir)) as conn:
         return conn.execute(
@@ -179,6 +207,10 @@ def _check_start_and_stop(
     # The launcher is a subreaper, so the postmaster that pg_ctl daemonized is its child.
     assert postmaster in started, "the postmaster was not adopted by the launcher"
     assert len(started) >= 6  # postgres, redis, uvicorn, two workers, beat
+    kafka_on = _expects_kafka()
+    if kafka_on:
+        assert _broker_pid(var_dir) in started, "no Kafka broker under the launcher"
+        assert "kafka-worker" in output.read_text()  # in the list of logs
 
     launcher.send_signal(signal.SIGINT)
     assert launcher.wait(STOP_TIMEOUT_S) == 0, output.read_text()
@@ -186,5 +218,6 @@ def _check_start_and_stop(
     assert _still_running(started) == [], output.read_text()
     assert not (pg_dir / "postmaster.pid").exists()
     assert not (var_dir / "redis" / "redis.pid").exists()
+    assert _broker_pid(var_dir) is None
     assert "Sluice is running at" in output.read_text()
-    return demo
+    return [*demo, (_cluster_id(var_dir),)] if kafka_on else demo

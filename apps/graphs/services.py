@@ -8,8 +8,9 @@ from django.db.models import Max
 
 from apps.audit.services import Actor, record
 from apps.graphs.models import GraphVersion, StreamGraph, spec_checksum
-from apps.graphs.validation import check_spec
+from apps.graphs.validation import SpecError, SpecInvalid, check_spec
 from apps.tenants.context import current_tenant
+from workers import kafka
 
 
 def create_graph(
@@ -113,6 +114,17 @@ def _deploy(graph: StreamGraph, version: GraphVersion, *, actor: Actor) -> None:
     )
 
 
+def _check_topics(spec: dict[str, Any], tenant_slug: str) -> None:
+    """A graph may name only its own tenant's Kafka topics (DESIGN "Partitioning")."""
+    errors = [
+        SpecError(f"node '{node_id}'", f"config.{field}", problem)
+        for node_id, field, topic in kafka.spec_topics(spec)
+        if (problem := kafka.topic_problem(topic, tenant_slug)) is not None
+    ]
+    if errors:
+        raise SpecInvalid(errors)
+
+
 def add_version(
     *, graph: StreamGraph, spec: Any, actor: Actor, note: str = "", deploy: bool = True
 ) -> GraphVersion:
@@ -129,6 +141,7 @@ def add_version(
 def _add_version(
     graph: StreamGraph, spec: dict[str, Any], *, actor: Actor, note: str
 ) -> GraphVersion:
+    _check_topics(spec, current_tenant().slug)
     latest = graph.versions.aggregate(latest=Max("number"))["latest"] or 0
     version = GraphVersion.objects.create(
         graph=graph,

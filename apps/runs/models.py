@@ -180,6 +180,12 @@ class Event(TenantModel):
     # Open fan-outs this event is inside, outermost first:
     # [[fan-out step id, item index, fan-out node id], ...]
     scopes = models.JSONField(default=list)
+    # Events a stream segment writes have no step (the segment's cheap nodes run in the
+    # Kafka worker's micro-batch): `parent` is the record's own event they came from, and
+    # `origin` where the record came from ("<topic>:<partition>:<offset>", or a webhook or
+    # schedule tick's id).
+    parent = models.UUIDField(null=True, blank=True)
+    origin = models.CharField(max_length=300, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta(TenantModel.Meta):
@@ -229,11 +235,15 @@ class FanInArrival(TenantModel):
 
 
 class ResultRow(TenantModel):
-    """A row written by a sink.table step. One per sink step: the unique step makes a
-    repeated commit impossible rather than unlikely."""
+    """A row written by a sink.table step, or by a sink.table node inside a stream segment.
+    One per sink step, or per (record, node) of a segment: the unique step or effect key
+    makes a repeated commit impossible rather than unlikely."""
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="result_rows")
-    step = models.OneToOneField(Step, on_delete=models.CASCADE, related_name="result_row")
+    step = models.OneToOneField(
+        Step, null=True, blank=True, on_delete=models.CASCADE, related_name="result_row"
+    )
+    effect_key = models.CharField(max_length=200, null=True, blank=True, unique=True)
     table = models.CharField(max_length=64, db_index=True)
     data = models.JSONField()
     created_at = models.DateTimeField(auto_now_add=True)

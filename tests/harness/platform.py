@@ -50,6 +50,23 @@ class Platform:
         self._wait_ready(name)
         return proc
 
+    def start_kafka_worker(
+        self, name: str = "kafka", *, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """The Kafka worker `make run` runs (`manage.py kafka_worker`), once it is looping."""
+        path = self.log_path(name)
+        argv = [*processes.kafka_worker_argv(), "--name", f"{name}@{self.label}"]
+        proc = processes.spawn(argv, env=self.env(**(env or {})), log_path=path)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kafka worker {name} exited; see {path}")
+            if path.exists() and f"kafka worker {name}@{self.label}: started" in path.read_text():
+                return proc
+            time.sleep(0.1)
+        raise RuntimeError(f"kafka worker {name} not started after 60 s; see {path}")
+
     def start_beat(self) -> subprocess.Popen[bytes]:
         schedule = SERVICES_DIR / f"beat-{self.label}"
         proc = processes.spawn(

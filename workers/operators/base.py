@@ -224,6 +224,9 @@ class Operator:
     cheap: ClassVar[bool] = False
     # Gets the model registry, the budgets and a way to start generations in its context.
     uses_inference: ClassVar[bool] = False
+    # Not cheap, yet runs inside a stream segment on the Kafka worker: a sink whose records
+    # the worker produces with the micro-batch, acknowledged before the batch commits.
+    segment_sink: ClassVar[bool] = False
 
     def queue(self, node: JSON) -> str:
         """The Celery queue this node's steps run on."""

@@ -1,0 +1,244 @@
+"""The micro-batch's transaction: the checkpoint of a stream deployment.
+
+One transaction writes what a batch of records produced (their events, the rows of their
+table sinks, the steps of the first expensive nodes, their dead letters) and moves each
+partition's next offset from the one the batch was read at to the one after its last
+record. The move is a compare and set, and the deployment's row is read under a share lock:
+a batch read at an offset someone else has moved on from (a worker that lost the partition
+in a rebalance, a copy replayed after a crash), or processed with a version that is no
+longer deployed, or arriving after a pause, writes nothing and is read again from the
+offset PostgreSQL holds. So every record is taken exactly once, by exactly one version.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from django.db import connection, transaction
+
+from apps.runs.engine import store
+from apps.runs.engine.outbox import StepMessage, hand_off_on_commit
+from apps.runs.engine.settle import new_step
+from apps.runs.models import Event, ResultRow, Run, Step
+from apps.streams.models import DeadLetter, DeploymentStatus
+from apps.streams.segment import RecordOutcome, Segment
+from workers import kafka
+
+# A batch may commit while its deployment is in one of these.
+CONSUMING = (DeploymentStatus.RUNNING, DeploymentStatus.DRAINING)
+
+
+class Fenced(Exception):
+    """The batch was refused: nothing was written; read again from PostgreSQL's offsets."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a worker processes a deployment's records with: one version and its run."""
+
+    deployment_id: UUID
+    tenant_id: int
+    version_id: int
+    run: Run
+
+
+@dataclass(frozen=True)
+class DeadRecord:
+    error: str
+    payload: str
+    key: str = ""
+    topic: str = ""
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass
+class PartitionBatch:
+    topic: str
+    partition: int
+    read_at: int  # the next offset PostgreSQL held when these records were read
+    next_offset: int  # one past the batch's last record
+    high_watermark: int
+    outcomes: list[RecordOutcome] = field(default_factory=list)
+    dead: list[DeadRecord] = field(default_factory=list)
+    rate: float = 0.0
+
+
+def commit_batch(binding: Binding, segment: Segment, batches: Sequence[PartitionBatch]) -> int:
+    """Writes the batches and moves their offsets in one transaction; returns the steps
+    created. Raises Fenced, having written nothing, when the batch must be read again."""
+    with transaction.atomic(durable=True):
+        _check_binding(binding)
+        for batch in batches:
+            _move_offset(binding, batch)
+        outcomes = [outcome for batch in batches for outcome in batch.outcomes]
+        dead = [record for batch in batches for record in batch.dead]
+        return write_outcomes(binding.run, segment, outcomes, dead, binding.deployment_id)
+
+
+def write_outcomes(
+    run: Run,
+    segment: Segment,
+    outcomes: Sequence[RecordOutcome],
+    dead: Sequence[DeadRecord],
+    deployment_id: UUID,
+) -> int:
+    """The rows of taken records, in the caller's transaction; returns the steps created.
+    Also what a webhook request and a schedule tick write, with no offsets to move."""
+    events: list[Event] = []
+    steps: list[Step] = []
+    rows: list[ResultRow] = []
+    for outcome in outcomes:
+        record = outcome.record
+        source = Event(
+            tenant_id=run.tenant_id,
+            run=run,
+            node_id=segment.source["id"],
+            key=record.key,
+            payload=record.payload,
+            event_time=record.event_time,
+            origin=record.origin,
+        )
+        events.append(source)
+        for exit in outcome.exits:
+            event = source
+            if exit.node_id != source.node_id:
+                event = Event(
+                    tenant_id=run.tenant_id,
+                    run=run,
+                    node_id=exit.node_id,
+                    port=exit.port,
+                    key=record.key,
+                    payload=exit.payload,
+                    event_time=record.event_time,
+                    origin=record.origin,
+                    parent=source.id,
+                )
+                events.append(event)
+            steps += [new_step(run, segment.nodes[t], [event.id], []) for t in exit.targets]
+        rows += [
+            ResultRow(tenant_id=run.tenant_id, run=run, table=table, data=row, effect_key=key)
+            for table, row, key in outcome.rows
+        ]
+    store.create_rows(events)
+    if rows:
+        ResultRow.objects.bulk_create(rows)
+    if dead:
+        DeadLetter.objects.bulk_create(
+            [_dead_letter(run.tenant_id, deployment_id, record) for record in dead]
+        )
+    if steps:
+        store.create_rows(steps)
+        store.move_open_steps(run, len(steps))
+        hand_off_on_commit(
+            run.tenant_id, [StepMessage(run.tenant_id, step.id, step.queue) for step in steps]
+        )
+    return len(steps)
+
+
+def produce(outcomes: Sequence[RecordOutcome]) -> None:
+    """What the outcomes' Kafka sinks emit, each record carrying its effect key; returns once
+    the broker acknowledged all of them (the caller commits after), else DeliveryFailed."""
+    records = [p for outcome in outcomes for p in outcome.produce]
+    if not records:
+        return
+    deliveries = kafka.Deliveries(kafka.shared_producer())
+    for p in records:
+        headers: list[tuple[str, str | bytes | None]] = [
+            (kafka.EFFECT_HEADER, p.effect_key.encode())
+        ]
+        deliveries.send(p.topic, p.value, key=p.key, headers=headers)
+    deliveries.wait()
+
+
+def _check_binding(binding: Binding) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT version_id, status FROM streams_deployment"
+            " WHERE id = %s AND tenant_id = %s FOR SHARE",
+            [binding.deployment_id, binding.tenant_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise Fenced("the deployment is gone")
+    version_id, status = row
+    if version_id != binding.version_id:
+        raise Fenced("another version was deployed")
+    if status not in CONSUMING:
+        raise Fenced(f"the deployment is {status}")
+
+
+def _move_offset(binding: Binding, batch: PartitionBatch) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE streams_partitionoffset SET next_offset = %s,"
+            " high_watermark = GREATEST(high_watermark, %s), records = records + %s,"
+            " dead_letters = dead_letters + %s, rate = %s, updated_at = now()"
+            " WHERE deployment_id = %s AND topic = %s AND partition = %s AND next_offset = %s",
+            [
+                batch.next_offset,
+                batch.high_watermark,
+                len(batch.outcomes),
+                len(batch.dead),
+                batch.rate,
+                binding.deployment_id,
+                batch.topic,
+                batch.partition,
+                batch.read_at,
+            ],
+        )
+        if cursor.rowcount != 1:
+            raise Fenced(f"{batch.topic}:{batch.partition} moved past offset {batch.read_at}")
+
+
+def _dead_letter(tenant_id: int, deployment_id: UUID, record: DeadRecord) -> DeadLetter:
+    return DeadLetter(
+        tenant_id=tenant_id,
+        deployment_id=deployment_id,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key[:1000],
+        error=record.error[:2000],
+        payload=record.payload,
+    )
+
+
+def start_offsets(
+    binding: Binding, wanted: Sequence[tuple[str, int, int]]
+) -> dict[tuple[str, int], int]:
+    """The next offset PostgreSQL holds for each (topic, partition); a partition seen for
+    the first time starts at the offset given for it (from the source's start_from)."""
+    with transaction.atomic():
+        for topic, partition, offset in wanted:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "INSERT INTO streams_partitionoffset (tenant_id, deployment_id, topic,"
+                    " partition, next_offset, high_watermark, records, dead_letters, rate,"
+                    " updated_at) VALUES (%s, %s, %s, %s, %s, 0, 0, 0, 0, now())"
+                    " ON CONFLICT (deployment_id, topic, partition) DO NOTHING",
+                    [binding.tenant_id, binding.deployment_id, topic, partition, offset],
+                )
+        return read_offsets(binding.deployment_id, binding.tenant_id)
+
+
+def read_offsets(deployment_id: UUID, tenant_id: int) -> dict[tuple[str, int], int]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT topic, partition, next_offset FROM streams_partitionoffset"
+            " WHERE deployment_id = %s AND tenant_id = %s",
+            [deployment_id, tenant_id],
+        )
+        return {(topic, partition): offset for topic, partition, offset in cursor.fetchall()}
+
+
+def note_high_watermarks(binding: Binding, marks: dict[tuple[str, int], int]) -> None:
+    """The partitions' ends as a worker sees them while idle, for lag on the page."""
+    with connection.cursor() as cursor:
+        for (topic, partition), mark in marks.items():
+            cursor.execute(
+                "UPDATE streams_partitionoffset SET high_watermark = %s, rate = 0,"
+                " updated_at = now() WHERE deployment_id = %s AND topic = %s"
+                " AND partition = %s AND (high_watermark <> %s OR rate <> 0)",
+                [mark, binding.deployment_id, topic, partition, mark],
+            )

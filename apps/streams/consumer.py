@@ -1,0 +1,373 @@
+"""The Kafka worker: consumes every active Kafka deployment's topics in micro-batches and runs
+their stream segments in process.
+
+One consumer per deployment per worker process, all in one consumer group per deployment, so
+Kafka spreads a deployment's partitions over however many workers run (scaled by
+partitions). Deployments take turns in one loop: a tenant's backlog gets one batch per turn
+and cannot hold another tenant's deployment up.
+
+A batch: consume up to SLUICE_KAFKA_BATCH records, run each through the segment (a record
+that fails goes to the dead letters), produce what Kafka sinks emit and wait for the
+broker's acknowledgement, then commit the checkpoint (checkpoint.commit_batch) and only
+after that tell Kafka the offsets (for lag tools; PostgreSQL's are the ones that count). On
+(re)assignment a partition is read from the offset PostgreSQL holds.
+"""
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from uuid import UUID
+
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from django.db import DatabaseError, close_old_connections, connection
+
+from apps.runs.models import Run
+from apps.streams.checkpoint import (
+    Binding,
+    DeadRecord,
+    Fenced,
+    PartitionBatch,
+    commit_batch,
+    note_high_watermarks,
+    produce,
+    read_offsets,
+    start_offsets,
+)
+from apps.streams.drain import finish_drain
+from apps.streams.models import ACTIVE_DEPLOYMENT_STATUSES, Deployment, DeploymentStatus, SourceKind
+from apps.streams.segment import Record, Segment, SegmentError
+from apps.tenants.context import tenant_context
+from apps.tenants.models import Tenant
+from sluice.env import env_float, env_int
+from workers import kafka
+from workers.operators.base import PermanentError
+from workers.operators.streams import KafkaSource, parse_time
+
+log = logging.getLogger(__name__)
+
+BATCH = env_int("SLUICE_KAFKA_BATCH", 1000, minimum=1)
+# How often the worker looks for deployments started, changed, paused or stopped.
+RECONCILE_S = env_float("SLUICE_KAFKA_RECONCILE_S", 1.0)
+# How often an idle deployment's partition ends are read again (lag, drains).
+IDLE_MARKS_S = 5.0
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A deployment as the worker last read it."""
+
+    id: UUID
+    tenant_id: int
+    version_id: int
+    status: str
+    group_id: str
+    spec: dict
+    run: Run
+    tenant: Tenant
+
+    @classmethod
+    def of(cls, deployment: Deployment) -> "Deployed":
+        return cls(
+            id=deployment.id,
+            tenant_id=deployment.tenant_id,
+            version_id=deployment.version_id,
+            status=deployment.status,
+            group_id=deployment.group_id,
+            spec=deployment.version.spec,
+            run=deployment.run,
+            tenant=deployment.tenant,
+        )
+
+
+def active_kafka_deployments() -> dict[UUID, Deployed]:
+    """Every tenant's: the worker serves the whole installation, as Celery workers do."""
+    rows = Deployment.unscoped_all_tenants.filter(
+        source_kind=SourceKind.KAFKA, status__in=ACTIVE_DEPLOYMENT_STATUSES
+    ).select_related("version", "run", "tenant")
+    return {row.id: Deployed.of(row) for row in rows}
+
+
+class DeploymentConsumer:
+    """One deployment's consumer in this worker, bound to the version it was started with
+    (a redeploy replaces it)."""
+
+    def __init__(self, deployed: Deployed, client_id: str) -> None:
+        self.deployed = deployed
+        self.binding = Binding(deployed.id, deployed.tenant_id, deployed.version_id, deployed.run)
+        self.segment = Segment(deployed.spec, scope=deployed.id.hex[:12])
+        self.config = self.segment.source.get("config", {})
+        self.source = KafkaSource()
+        # Where each assigned partition is read from: PostgreSQL's next offset, moved after
+        # each committed batch.
+        self.positions: dict[tuple[str, int], int] = {}
+        self.paused = False
+        self.idle_since = time.monotonic()
+        self.marks_at = 0.0
+        self.consumer: Consumer = kafka.consumer(deployed.group_id, **{"client.id": client_id})
+        self.consumer.subscribe(
+            list(self.config["topics"]),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        self.apply_status(deployed.status)
+
+    # -- assignment --------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        held = read_offsets(self.binding.deployment_id, self.binding.tenant_id)
+        wanted = [
+            (p.topic, p.partition, self._start_offset(p))
+            for p in partitions
+            if (p.topic, p.partition) not in held
+        ]
+        offsets = start_offsets(self.binding, wanted) if wanted else held
+        for p in partitions:
+            p.offset = offsets[(p.topic, p.partition)]
+            self.positions[(p.topic, p.partition)] = p.offset
+        consumer.assign(partitions)
+        if self.paused:
+            consumer.pause(partitions)
+        log.info("deployment %s: assigned %s", self.deployed.id, _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self.positions.pop((p.topic, p.partition), None)
+        consumer.unassign()
+        log.info("deployment %s: revoked %s", self.deployed.id, _names(partitions))
+
+    def _start_offset(self, partition: TopicPartition) -> int:
+        """Where a partition never read before starts, from the source's start_from."""
+        low, high = self.consumer.get_watermark_offsets(partition, timeout=10)
+        start_from = self.config.get("start_from", "earliest")
+        if start_from == "latest":
+            return int(high)
+        if start_from == "timestamp":
+            at = _epoch_ms(self.config["start_timestamp"])
+            found = self.consumer.offsets_for_times(
+                [TopicPartition(partition.topic, partition.partition, at)], timeout=10
+            )[0]
+            return int(high) if found.offset in (OFFSET_END, -1) else int(found.offset)
+        return int(low)
+
+    def seek_to_held(self) -> None:
+        """Read every assigned partition again from the offset PostgreSQL holds."""
+        held = read_offsets(self.binding.deployment_id, self.binding.tenant_id)
+        for topic, partition in list(self.positions):
+            offset = held.get((topic, partition))
+            if offset is None:
+                continue
+            self.positions[(topic, partition)] = offset
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # not yet fetching: assign's offset still holds
+                log.debug("seek %s:%s: %s", topic, partition, exc)
+
+    # -- status ------------------------------------------------------------------------
+
+    def apply_status(self, status: str) -> None:
+        paused = status == DeploymentStatus.PAUSED
+        if paused and not self.paused:
+            self.consumer.pause(self.consumer.assignment())
+        elif self.paused and not paused:
+            self.seek_to_held()  # records fetched before the pause were never taken
+            self.consumer.resume(self.consumer.assignment())
+        self.paused = paused
+        self.deployed = Deployed(**{**self.deployed.__dict__, "status": status})
+
+    # -- batches -----------------------------------------------------------------------
+
+    def poll(self, timeout: float) -> int:
+        """Consume and commit one batch; the records taken (0 when idle or refused)."""
+        messages = self.consumer.consume(num_messages=BATCH, timeout=timeout)
+        by_partition: dict[tuple[str, int], list[Message]] = defaultdict(list)
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("deployment %s: %s", self.deployed.id, error.str())
+                continue
+            by_partition[(str(message.topic()), int(message.partition() or 0))].append(message)
+        batches = [
+            batch
+            for tp, msgs in by_partition.items()
+            if tp in self.positions and (batch := self._batch(tp, msgs)) is not None
+        ]
+        if not batches:
+            self._when_idle()
+            return 0
+        self.idle_since = time.monotonic()
+        try:
+            produce([o for batch in batches for o in batch.outcomes])
+            commit_batch(self.binding, self.segment, batches)
+        except (Fenced, kafka.DeliveryFailed) as exc:
+            log.info("deployment %s: batch refused (%s); reading again", self.deployed.id, exc)
+            self.seek_to_held()
+            return 0
+        for batch in batches:
+            self.positions[(batch.topic, batch.partition)] = batch.next_offset
+        self._tell_kafka(batches)
+        return sum(len(batch.outcomes) + len(batch.dead) for batch in batches)
+
+    def _batch(self, tp: tuple[str, int], messages: list[Message]) -> PartitionBatch | None:
+        read_at = self.positions[tp]
+        # Records before the held offset were fetched before a seek: already taken.
+        messages = [m for m in messages if (m.offset() or 0) >= read_at]
+        if not messages:
+            return None
+        started = time.monotonic()
+        batch = PartitionBatch(
+            topic=tp[0],
+            partition=tp[1],
+            read_at=read_at,
+            next_offset=int(messages[-1].offset() or 0) + 1,
+            high_watermark=self._cached_high(tp),
+        )
+        for message in messages:
+            self._take(batch, message)
+        elapsed = max(time.monotonic() - started, 1e-3)
+        batch.rate = len(messages) / elapsed
+        return batch
+
+    def _take(self, batch: PartitionBatch, message: Message) -> None:
+        origin = f"{batch.topic}:{batch.partition}:{message.offset()}"
+        key = message.key()
+        value = message.value()
+        try:
+            payload, event_key, event_time = self.source.decode(
+                self.config, key, value, message.timestamp()[1]
+            )
+            batch.outcomes.append(self.segment.run(Record(origin, payload, event_key, event_time)))
+        except (PermanentError, SegmentError) as exc:
+            batch.dead.append(
+                DeadRecord(
+                    error=str(exc),
+                    payload=(value or b"").decode("utf-8", "replace"),
+                    key=(key or b"").decode("utf-8", "replace"),
+                    topic=batch.topic,
+                    partition=batch.partition,
+                    offset=message.offset(),
+                )
+            )
+
+    def _cached_high(self, tp: tuple[str, int]) -> int:
+        try:
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+        except KafkaException:
+            return 0
+        return int(high) if high is not None and high >= 0 else 0
+
+    def _tell_kafka(self, batches: list[PartitionBatch]) -> None:
+        offsets = [TopicPartition(b.topic, b.partition, b.next_offset) for b in batches]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:  # only lag tools read these
+            log.debug("offset commit to Kafka: %s", exc)
+
+    def _when_idle(self) -> None:
+        """Every few seconds while idle: note the partitions' ends (lag on the page), and
+        end a drain once every partition is read to its end."""
+        now = time.monotonic()
+        if now - self.marks_at < IDLE_MARKS_S or not self.positions:
+            return
+        self.marks_at = now
+        marks = {}
+        for tp in self.positions:
+            try:
+                _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=2)
+            except KafkaException:
+                return
+            marks[tp] = int(high)
+        note_high_watermarks(self.binding, marks)
+        if self.deployed.status == DeploymentStatus.DRAINING:
+            finish_drain(self.binding.deployment_id, self.binding.tenant_id)
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()  # leaves the group: its partitions move at once
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("close: %s", exc)
+
+
+class KafkaWorker:
+    """The loop `manage.py kafka_worker` runs until `stop` is called (SIGTERM)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.consumers: dict[UUID, DeploymentConsumer] = {}
+        self.stopping = False
+        self.reconciled_at = 0.0
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        log.info("kafka worker %s: started", self.name)
+        try:
+            while not self.stopping:
+                self.turn()
+        finally:
+            for consumer in self.consumers.values():
+                consumer.close()
+            self.consumers.clear()
+            log.info("kafka worker %s: stopped", self.name)
+
+    def turn(self) -> int:
+        """One round: reconcile when due, then one batch per deployment."""
+        try:
+            if time.monotonic() - self.reconciled_at >= RECONCILE_S:
+                self.reconcile()
+            taken = 0
+            timeout = POLL_S / max(len(self.consumers), 1)
+            for consumer in list(self.consumers.values()):
+                # As a Celery task does: the deployment's tenant scopes every query.
+                with tenant_context(consumer.deployed.tenant):
+                    taken += consumer.poll(timeout)
+            if not self.consumers:
+                time.sleep(POLL_S)
+            return taken
+        except DatabaseError as exc:
+            # PostgreSQL restarted or the connection broke: nothing was committed for the
+            # batch in hand; start again from what PostgreSQL holds.
+            log.warning("kafka worker %s: database error, retrying: %s", self.name, exc)
+            connection.close()
+            time.sleep(1.0)
+            self.reconciled_at = 0.0
+            for consumer in self.consumers.values():
+                consumer.close()
+            self.consumers.clear()
+            return 0
+
+    def reconcile(self) -> None:
+        close_old_connections()
+        active = active_kafka_deployments()
+        for deployment_id in list(self.consumers):
+            current = active.get(deployment_id)
+            consumer = self.consumers[deployment_id]
+            if current is None or current.version_id != consumer.deployed.version_id:
+                consumer.close()  # stopped, or redeployed: a new consumer for the new version
+                del self.consumers[deployment_id]
+            elif current.status != consumer.deployed.status:
+                consumer.apply_status(current.status)
+        for deployment_id, deployed in active.items():
+            if deployment_id not in self.consumers:
+                self.consumers[deployment_id] = DeploymentConsumer(deployed, self.name)
+        self.reconciled_at = time.monotonic()
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}:{p.partition}@{p.offset}" for p in partitions)
+
+
+def _epoch_ms(value: str) -> int:
+    parsed = parse_time(value)
+    return int(parsed.timestamp() * 1000) if parsed else 0

@@ -1,0 +1,33 @@
+"""`manage.py kafka_worker`: the Kafka worker process (apps.streams.consumer). `make run`
+starts one; start more on more machines to share a deployment's partitions."""
+
+import logging
+import os
+import signal
+import socket
+from types import FrameType
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from apps.streams.consumer import KafkaWorker
+from workers import kafka
+
+
+class Command(BaseCommand):
+    help = "Consume stream deployments' Kafka topics and run their stream segments."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--name", default=f"kafka@{socket.gethostname()}.{os.getpid()}")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        kafka.bootstrap_servers()  # fail at start, naming the setting, when Kafka is off
+        worker = KafkaWorker(options["name"])
+
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            worker.stop()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        worker.run()

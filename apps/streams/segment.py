@@ -1,0 +1,202 @@
+"""A graph's stream segment, and running one record through it in process.
+
+The segment is the source and the nodes after it that can run inside a micro-batch: cheap
+operators (template, switch, filter, sink.table; no fan-out, no collect, not marked
+`chain: false`) and Kafka sinks. Where an edge leaves the segment (an LLM, a tool) the
+record's event there becomes the input of a durable step, created in the batch's
+transaction (DESIGN "Two executors, one graph").
+
+Running a record is pure: what it produces (events to store, rows to write, records to
+produce, steps to create) comes back as a RecordOutcome and the checkpoint writes it. A
+record that makes any node raise produces nothing but its dead letter: a record is taken
+whole or not at all.
+"""
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+from apps.graphs.validation import as_edge, source_node
+from workers.operators import REGISTRY
+from workers.operators.base import JSON, InputEvent, Operator, PermanentError, StepContext
+from workers.operators.streams import KafkaSink
+
+# How many nodes one record may pass through in a segment: a graph is acyclic, so this only
+# bounds a pathological fan of switches.
+MAX_VISITS = 1000
+MAX_EFFECT_KEY = 200
+
+
+def in_segment(node: JSON) -> bool:
+    operator = REGISTRY[node["type"]]
+    if operator.segment_sink:
+        return True
+    return (
+        operator.cheap
+        and not operator.opens_scope
+        and not operator.is_collect
+        and not operator.is_source
+        and node.get("chain", True) is not False
+    )
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record as the source decoded it."""
+
+    origin: str  # "<topic>:<partition>:<offset>", or a webhook delivery's or a tick's id
+    payload: JSON
+    key: str
+    event_time: datetime
+
+
+@dataclass(frozen=True)
+class Exit:
+    """An event leaving the segment on (node, port) into the durable steps of `targets`."""
+
+    node_id: str
+    port: str
+    payload: JSON
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Produce:
+    topic: str
+    key: bytes | None
+    value: bytes
+    effect_key: str
+
+
+@dataclass
+class RecordOutcome:
+    record: Record
+    exits: list[Exit] = field(default_factory=list)
+    rows: list[tuple[str, JSON, str]] = field(default_factory=list)  # (table, row, effect key)
+    produce: list[Produce] = field(default_factory=list)
+
+
+class Segment:
+    """The stream segment of one graph version, planned once per version."""
+
+    def __init__(self, spec: JSON, *, scope: str) -> None:
+        # `scope` makes effect keys unique per deployment: the same record offsets mean
+        # different records in another deployment's topics.
+        self.spec = spec
+        self.scope = scope
+        self.nodes: dict[str, JSON] = {node["id"]: node for node in spec["nodes"]}
+        self.source = source_node(spec)
+        self.inside = {
+            node_id for node_id, node in self.nodes.items() if node_id != self.source["id"]
+            and in_segment(node)
+        }  # fmt: skip
+        self.max_fanout = int(spec.get("policies", {}).get("max_fanout", 1000))
+        # (node, port) -> targets, in the spec's order: asked once per node per record.
+        self.targets: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for edge in map(as_edge, spec.get("edges", [])):
+            self.targets[(edge.source, edge.port)].append(edge.target)
+
+    @cached_property
+    def input_validator(self) -> Draft202012Validator | None:
+        schema = self.source.get("config", {}).get("input_schema")
+        return Draft202012Validator(schema) if schema else None
+
+    def check_input(self, payload: JSON) -> None:
+        if self.input_validator is None:
+            return
+        error = best_match(self.input_validator.iter_errors(payload))
+        if error is not None:
+            where = ".".join(str(part) for part in error.absolute_path) or "the payload"
+            raise PermanentError(f"input schema: {where}: {error.message}")
+
+    def run(self, record: Record) -> RecordOutcome:
+        """What one record produces; raises SegmentError naming the node that failed."""
+        outcome = RecordOutcome(record)
+        self.check_input(record.payload)
+        visits: dict[str, int] = defaultdict(int)
+        pending: list[tuple[str, str, JSON]] = [(self.source["id"], "out", record.payload)]
+        while pending:
+            node_id, port, payload = pending.pop(0)
+            targets = self.targets.get((node_id, port), [])
+            leaving = tuple(t for t in targets if t not in self.inside)
+            if leaving:
+                outcome.exits.append(Exit(node_id, port, payload, leaving))
+            for target in targets:
+                if target not in self.inside:
+                    continue
+                visits[target] += 1
+                if sum(visits.values()) > MAX_VISITS:
+                    raise SegmentError(target, f"more than {MAX_VISITS} node visits")
+                try:
+                    pending += self._run_node(target, payload, outcome, visits[target])
+                except PermanentError as exc:
+                    raise SegmentError(target, str(exc)) from None
+                except Exception as exc:  # an operator bug must not stall the partition
+                    raise SegmentError(target, f"{type(exc).__name__}: {exc}") from None
+        return outcome
+
+    def _run_node(
+        self, node_id: str, payload: JSON, outcome: RecordOutcome, visit: int
+    ) -> list[tuple[str, str, JSON]]:
+        node = self.nodes[node_id]
+        operator: Operator = REGISTRY[node["type"]]
+        config = node.get("config", {})
+        effect_key = self.effect_key(outcome.record.origin, node_id, visit)
+        if isinstance(operator, KafkaSink):
+            key, value = operator.record(config, payload)
+            outcome.produce.append(Produce(config["topic"], key, value, effect_key))
+            return [(node_id, "out", payload)]
+        result = operator.run(self._context(node_id, config), [InputEvent("", payload)])
+        outcome.rows += [(table, row, effect_key) for table, row in result.table_rows]
+        return [(node_id, output.port, output.payload) for output in result.outputs]
+
+    def _context(self, node_id: str, config: JSON) -> StepContext:
+        return StepContext(
+            run_id="",
+            step_id="",
+            node_id=node_id,
+            config=config,
+            attempt=1,
+            max_fanout=self.max_fanout,
+            heartbeat=_no_heartbeat,
+        )
+
+    def effect_key(self, origin: str, node_id: str, visit: int) -> str:
+        """The same on every replay of the record, so a copy produced again after a crash
+        carries the key of the first and a downstream consumer can drop it."""
+        key = f"{self.scope}:{origin}:{node_id}:{visit}"
+        if len(key) <= MAX_EFFECT_KEY:
+            return key
+        return f"{self.scope}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+class SegmentError(Exception):
+    def __init__(self, node_id: str, message: str) -> None:
+        super().__init__(f"node '{node_id}': {message}")
+        self.node_id = node_id
+
+
+def _no_heartbeat() -> None:
+    return None
+
+
+def segment_summary(segment: Segment) -> dict[str, Any]:
+    """Which nodes run in the segment and which start durable steps, for the page."""
+    boundary = sorted(
+        {
+            target
+            for node_id in [segment.source["id"], *segment.inside]
+            for port in REGISTRY[segment.nodes[node_id]["type"]].output_ports(
+                segment.nodes[node_id].get("config", {})
+            )
+            for target in segment.targets.get((node_id, port), [])
+            if target not in segment.inside
+        }
+    )
+    return {"source": segment.source["id"], "inside": sorted(segment.inside), "steps": boundary}

@@ -1,0 +1,226 @@
+"""Deploying a stream graph and operating the deployment: pause, resume, drain and stop,
+redeploy, replay a dead letter. Each change and its audit entry are one transaction."""
+
+import secrets
+import uuid
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from apps.audit.services import Actor, record
+from apps.graphs.models import GraphVersion, StreamGraph
+from apps.graphs.validation import source_node
+from apps.runs.engine import store
+from apps.runs.models import Run, RunKind
+from apps.runs.services import check_run_quotas, record_start
+from apps.secrets.crypto import encrypt
+from apps.streams.checkpoint import produce, write_outcomes
+from apps.streams.drain import release_run, stop_deployment
+from apps.streams.models import SOURCE_KINDS, DeadLetter, Deployment, DeploymentStatus, SourceKind
+from apps.streams.segment import Record, Segment, SegmentError
+from apps.tenants.context import current_tenant
+from workers import kafka
+from workers.operators.base import PermanentError
+from workers.operators.streams import KafkaSource
+
+
+class DeploymentRefused(Exception):
+    """The deployment cannot be made or changed; the message says why and what to do."""
+
+
+def check_deployable(version: GraphVersion, tenant_slug: str) -> str:
+    """The version's source kind, or DeploymentRefused naming the problem."""
+    spec = version.spec
+    source = source_node(spec)
+    kind = SOURCE_KINDS.get(source["type"])
+    if kind is None:
+        raise DeploymentRefused(
+            f"version {version.number} starts with {source['type']}; a stream deployment needs"
+            " source.kafka, source.webhook or source.schedule (start other graphs as runs)"
+        )
+    problems = topic_problems(spec, tenant_slug)
+    if problems:
+        raise DeploymentRefused("; ".join(problems))
+    if kind == SourceKind.KAFKA or any(n["type"] == "sink.kafka" for n in spec["nodes"]):
+        try:
+            kafka.bootstrap_servers()
+        except kafka.KafkaUnavailable as exc:
+            raise DeploymentRefused(str(exc)) from None
+    return kind
+
+
+def topic_problems(spec: dict[str, Any], tenant_slug: str) -> list[str]:
+    """Every Kafka topic the spec names that this tenant may not use, with its node."""
+    return [
+        f"node '{node_id}': {problem}"
+        for node_id, _field, topic in kafka.spec_topics(spec)
+        if (problem := kafka.topic_problem(topic, tenant_slug)) is not None
+    ]
+
+
+def deploy(*, graph: StreamGraph, version: GraphVersion, actor: Actor) -> Deployment:
+    """Starts the graph's stream deployment on `version`, or moves it there (a redeploy):
+    the new version takes over each partition at the offset PostgreSQL holds when this
+    commits, and no batch processed with the old version commits after it."""
+    tenant = current_tenant()
+    if version.graph_id != graph.pk:
+        raise DeploymentRefused(f"version {version.number} is not a version of this graph")
+    kind = check_deployable(version, tenant.slug)
+    with transaction.atomic(durable=True):
+        deployment = Deployment.objects.select_for_update().filter(graph=graph).first()
+        if deployment is not None and deployment.source_kind != kind:
+            raise DeploymentRefused(
+                f"this graph's deployment reads from {deployment.source_kind}; version"
+                f" {version.number} reads from {kind}: drain it, then deploy the new version"
+            )
+        active = deployment is not None and deployment.status != DeploymentStatus.STOPPED
+        if deployment is not None and active and deployment.version_id == version.pk:
+            return deployment  # already there
+        run = _open_run(version, actor)
+        if deployment is None:
+            deployment = Deployment.objects.create(
+                tenant=tenant,
+                graph=graph,
+                version=version,
+                run=run,
+                source_kind=kind,
+                group_id=f"sluice.{tenant.slug}.{uuid.uuid4().hex}",
+                webhook_secret=encrypt(new_webhook_secret()) if kind == SourceKind.WEBHOOK else "",
+                created_by=actor if getattr(actor, "is_authenticated", False) else None,
+            )
+            _audit(deployment, actor, "deployment.create", None, {"version": version.number})
+            return deployment
+        before = {"version": deployment.version.number, "status": deployment.status}
+        if active:
+            release_run(deployment)
+        deployment.version = version
+        deployment.run = run
+        if not active:
+            deployment.status = DeploymentStatus.RUNNING
+        deployment.save(update_fields=["version", "run", "status", "updated_at"])
+        after = {"version": version.number, "status": deployment.status}
+        _audit(deployment, actor, "deployment.redeploy", before, after)
+    return deployment
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+def _open_run(version: GraphVersion, actor: Actor) -> Run:
+    check_run_quotas(version.tenant_id, {})
+    run = store.create_run(
+        graph_version=version,
+        kind=RunKind.STREAM,
+        input={},
+        on_disconnect="detach",
+        open_steps=1,  # the hold: the run stays open while the deployment takes events
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    record_start(run, version, actor)
+    return run
+
+
+def pause(deployment: Deployment, *, actor: Actor) -> Deployment:
+    """Stop taking records; Kafka workers keep the group's partitions."""
+    return _move(deployment, (DeploymentStatus.RUNNING,), DeploymentStatus.PAUSED, actor)
+
+
+def resume(deployment: Deployment, *, actor: Actor) -> Deployment:
+    return _move(deployment, (DeploymentStatus.PAUSED,), DeploymentStatus.RUNNING, actor)
+
+
+def drain(deployment: Deployment, *, actor: Actor) -> Deployment:
+    """Kafka: take what the topics hold now, then stop. A webhook or schedule has nothing
+    buffered: it stops at once."""
+    if deployment.source_kind != SourceKind.KAFKA:
+        with transaction.atomic(durable=True):
+            locked = _locked(deployment)
+            if locked.status == DeploymentStatus.STOPPED:
+                raise DeploymentRefused("the deployment is already stopped")
+            stop_deployment(locked, actor=actor, action="deployment.stop")
+        return locked
+    return _move(
+        deployment,
+        (DeploymentStatus.RUNNING, DeploymentStatus.PAUSED),
+        DeploymentStatus.DRAINING,
+        actor,
+    )
+
+
+def _move(deployment: Deployment, from_: tuple[str, ...], to: str, actor: Actor) -> Deployment:
+    with transaction.atomic(durable=True):
+        locked = _locked(deployment)
+        if locked.status not in from_:
+            raise DeploymentRefused(f"the deployment is {locked.status}; it cannot become {to}")
+        before = locked.status
+        locked.status = to
+        locked.save(update_fields=["status", "updated_at"])
+        _audit(locked, actor, f"deployment.{to}", {"status": before}, {"status": to})
+    return locked
+
+
+def _locked(deployment: Deployment) -> Deployment:
+    return (
+        Deployment.objects.select_for_update()
+        .select_related("tenant", "run", "version")
+        .get(pk=deployment.pk)
+    )
+
+
+def _audit(
+    deployment: Deployment,
+    actor: Actor,
+    action: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any],
+) -> None:
+    record(
+        tenant=current_tenant(),
+        actor=actor,
+        action=action,
+        target_type="deployment",
+        target_id=deployment.id,
+        before=before,
+        after=after,
+    )
+
+
+def replay_dead_letter(dead: DeadLetter, *, actor: Actor) -> DeadLetter:
+    """Runs the dead letter's record through the version deployed now (fixed, say, to
+    accept it) and takes it exactly once: the outcome and the mark are one transaction.
+    If it fails again, nothing is taken and the letter keeps the new error."""
+    with transaction.atomic(durable=True):
+        locked = DeadLetter.objects.select_for_update().get(pk=dead.pk)
+        if locked.replayed_at is not None:
+            raise DeploymentRefused("this record was already replayed")
+        deployment = _locked(locked.deployment)
+        if deployment.status == DeploymentStatus.STOPPED:
+            raise DeploymentRefused("the deployment is stopped: deploy a version, then replay")
+        segment = Segment(deployment.version.spec, scope=deployment.id.hex[:12])
+        origin = f"{locked.topic}:{locked.partition}:{locked.offset}" if locked.topic else ""
+        try:
+            record_ = _replayed_record(segment, locked, origin or f"dead-letter:{locked.pk}")
+            outcome = segment.run(record_)
+            produce([outcome])
+        except (PermanentError, SegmentError, kafka.DeliveryFailed) as exc:
+            locked.error = f"replay failed: {exc}"[:2000]
+            locked.save(update_fields=["error"])
+            return locked
+        write_outcomes(deployment.run, segment, [outcome], [], deployment.id)
+        locked.replayed_at = timezone.now()
+        locked.save(update_fields=["replayed_at"])
+        _audit(deployment, actor, "deployment.replay", {"dead_letter": locked.pk}, {"ok": True})
+    return locked
+
+
+def _replayed_record(segment: Segment, dead: DeadLetter, origin: str) -> Record:
+    config = segment.source.get("config", {})
+    payload, key, event_time = KafkaSource().decode(
+        config,
+        dead.key.encode() or None,
+        dead.payload.encode(),
+        int(dead.created_at.timestamp() * 1000),
+    )
+    return Record(origin, payload, key, event_time)

@@ -1,0 +1,155 @@
+"""Kafka clients for stream deployments and sinks (confluent-kafka, librdkafka underneath).
+
+Where the broker is comes from KAFKA_BOOTSTRAP_SERVERS, read when a client is made (the test
+harness sets it after start-up); empty means this installation has no Kafka. Topic names are
+per tenant: a tenant's topics start with its slug and a dot, and a graph may name no other.
+"""
+
+import os
+import re
+import threading
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+
+# The effect key of a produced record travels in this header, so a consumer downstream can
+# drop the copies a crash between the broker's ack and Sluice's commit sends again.
+EFFECT_HEADER = "sluice-effect-key"
+# Kafka's own rule for topic names.
+TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+FLUSH_TIMEOUT_S = 30.0
+
+
+class KafkaUnavailable(RuntimeError):
+    """This installation has no Kafka, or the broker did not answer in time."""
+
+
+def bootstrap_servers() -> str:
+    servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    if not servers:
+        raise KafkaUnavailable(
+            "Kafka is off here: set KAFKA_BOOTSTRAP_SERVERS, or install Java and Maven so"
+            " `make run` starts the embedded broker"
+        )
+    return servers
+
+
+def topic_prefix(tenant_slug: str) -> str:
+    return f"{tenant_slug}."
+
+
+def topic_problem(topic: str, tenant_slug: str) -> str | None:
+    """Why this tenant may not use this topic name, or None."""
+    if not TOPIC_PATTERN.match(topic) or topic in {".", ".."}:
+        return f"topic {topic!r} is not a valid Kafka topic name (letters, digits, '.', '_', '-')"
+    prefix = topic_prefix(tenant_slug)
+    if not topic.startswith(prefix) or topic == prefix:
+        return (
+            f"topic {topic!r} is outside this tenant's namespace: its topics start with"
+            f" {prefix!r} (for example {prefix}{topic.rsplit('.', 1)[-1]!s})"
+        )
+    return None
+
+
+def spec_topics(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(node id, config field, topic) for every Kafka topic a graph spec names."""
+    named = []
+    for node in spec.get("nodes", []):
+        config = node.get("config", {})
+        if node.get("type") == "source.kafka":
+            named += [(node["id"], "topics", topic) for topic in config.get("topics", [])]
+        elif node.get("type") == "sink.kafka" and "topic" in config:
+            named.append((node["id"], "topic", config["topic"]))
+    return named
+
+
+def consumer(group_id: str, **overrides: Any) -> Consumer:
+    """A consumer that never commits by itself: the offsets that count live in PostgreSQL,
+    and Kafka is told afterwards, only so that lag tools see progress."""
+    config = {
+        "bootstrap.servers": bootstrap_servers(),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        # A dead worker's partitions move to the others within this many milliseconds.
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        "max.poll.interval.ms": 60000,
+        "enable.partition.eof": False,
+        **overrides,
+    }
+    return Consumer(config)
+
+
+def producer_config(**overrides: Any) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap_servers(),
+        # Idempotent: a retried send after a lost ack is not written twice by the broker.
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "queue.buffering.max.messages": 200_000,
+        **overrides,
+    }
+
+
+_producer: Producer | None = None
+_producer_lock = threading.Lock()
+
+
+def shared_producer() -> Producer:
+    """One idempotent producer per process: librdkafka batches every thread's records."""
+    global _producer
+    with _producer_lock:
+        if _producer is None:
+            _producer = Producer(producer_config())
+        return _producer
+
+
+class DeliveryFailed(KafkaException):
+    pass
+
+
+class Deliveries:
+    """Records produced together and confirmed together: `wait` returns once the broker has
+    acknowledged every one, or raises naming the first failure."""
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+        self.errors: list[str] = []
+        self.acked: list[tuple[str, int, int]] = []
+        self.sent = 0
+
+    def _on_delivery(self, error: KafkaError | None, message: Any) -> None:
+        if error is not None:
+            self.errors.append(f"{message.topic()}: {error.str()}")
+        else:
+            self.acked.append((message.topic(), message.partition(), message.offset()))
+
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None,
+        headers: list[tuple[str, str | bytes | None]],
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:
+                self.producer.poll(0.05)  # the local queue is full: let it drain
+        self.sent += 1
+
+    def wait(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        if self.sent == 0:
+            return
+        left = self.producer.flush(timeout_s)
+        if self.errors:
+            raise DeliveryFailed(self.errors[0])
+        if left or len(self.acked) < self.sent:
+            raise DeliveryFailed(f"{self.sent - len(self.acked)} records not acknowledged")
