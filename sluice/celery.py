@@ -25,6 +25,19 @@ def _schedule_sweeper(sender: Celery, **_: object) -> None:
         name="sweep expired leases and lost messages",
         options={"queue": CONTROL_QUEUE, "expires": settings.SLUICE_SWEEP_INTERVAL_S * 2},
     )
+    # Schedule deployments (apps/streams/schedules.py): ticks are exactly once whatever the
+    # number of beats, so this only bounds how late a tick fires.
+    poll_s = schedule_poll_s()
+    sender.add_periodic_task(
+        poll_s,
+        sender.signature("sluice.fire_schedules"),
+        name="fire due schedule ticks",
+        options={"queue": CONTROL_QUEUE, "expires": poll_s * 2},
+    )
+
+
+def schedule_poll_s() -> float:
+    return float(settings.SLUICE_SCHEDULE_POLL_S)
 
 
 @celeryd_after_setup.connect

@@ -141,6 +141,12 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # killed worker's steps are running again within about lease + sweep interval.
 SLUICE_STEP_LEASE_S = env_float("SLUICE_STEP_LEASE_S", 6.0, minimum=1.0)
 SLUICE_SWEEP_INTERVAL_S = env_float("SLUICE_SWEEP_INTERVAL_S", 1.0, minimum=0.2)
+# Stream deployments (apps/streams): a signed webhook older than this is refused (replays);
+# how often beat looks for due schedule ticks, and how many missed ticks a schedule fires
+# when it runs again after a stop or an outage.
+SLUICE_WEBHOOK_TOLERANCE_S = env_float("SLUICE_WEBHOOK_TOLERANCE_S", 300.0, minimum=1.0)
+SLUICE_SCHEDULE_POLL_S = env_float("SLUICE_SCHEDULE_POLL_S", 5.0, minimum=0.2)
+SLUICE_SCHEDULE_CATCH_UP = env_int("SLUICE_SCHEDULE_CATCH_UP", 10, minimum=1)
 # A queued step whose message has not been picked up for this long gets a new message.
 SLUICE_REQUEUE_AFTER_S = env_float("SLUICE_REQUEUE_AFTER_S", 30.0, minimum=0.5)
 # A run may re-attempt at most this share of its steps, plus a fixed allowance, so a failing

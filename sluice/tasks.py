@@ -10,11 +10,13 @@ from typing import Any, Concatenate, ParamSpec
 from uuid import UUID
 
 from celery import Task, shared_task
+from django.utils import timezone
 
 from apps.api import webhooks
 from apps.live import viewers
 from apps.runs import engine
 from apps.runs.engine import outbox
+from apps.streams import schedules
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
 
@@ -95,3 +97,11 @@ def sweep() -> None:
     found["job_webhooks"] = webhooks.enqueue_due()
     if any(found.values()):
         logger.info("sweeper: %s", found)
+
+
+@shared_task(name=schedules.FIRE_SCHEDULES, ignore_result=True)
+def fire_schedules() -> None:
+    """Fires the schedule deployments' due ticks; sent by beat on the control queue."""
+    fired = schedules.fire_due_ticks(timezone.now())
+    if fired:
+        logger.info("schedules: %s tick(s) fired", fired)

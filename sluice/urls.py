@@ -5,12 +5,14 @@ from django.urls import include, path
 from django.views import defaults
 
 from apps.live.sse import run_events
+from apps.streams.views.hooks import receive_webhook
 from sluice.problems import problem
 
 urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("hooks/<uuid:deployment_id>/", receive_webhook, name="stream-webhook"),
     path("runs/", include("apps.runs.urls")),
     path("tenant/secrets/", include("apps.secrets.urls")),
     path("usage/", include("apps.usage.urls")),

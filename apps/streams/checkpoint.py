@@ -10,19 +10,23 @@ longer deployed, or arriving after a pause, writes nothing and is read again fro
 offset PostgreSQL holds. So every record is taken exactly once, by exactly one version.
 """
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from uuid import UUID
+from typing import Any
+from uuid import UUID, uuid4
 
 from django.db import connection, transaction
+from django.utils import timezone
 
 from apps.runs.engine import store
 from apps.runs.engine.outbox import StepMessage, hand_off_on_commit
 from apps.runs.engine.settle import new_step
-from apps.runs.models import Event, ResultRow, Run, Step
+from apps.runs.models import ResultRow, Run, Step
 from apps.streams.models import DeadLetter, DeploymentStatus
-from apps.streams.segment import RecordOutcome, Segment
+from apps.streams.segment import Record, RecordOutcome, Segment
 from workers import kafka
+from workers.operators.base import JSON
 
 # A batch may commit while its deployment is in one of these.
 CONSUMING = (DeploymentStatus.RUNNING, DeploymentStatus.DRAINING)
@@ -64,16 +68,28 @@ class PartitionBatch:
     rate: float = 0.0
 
 
-def commit_batch(binding: Binding, segment: Segment, batches: Sequence[PartitionBatch]) -> int:
+def commit_batch(
+    binding: Binding,
+    segment: Segment,
+    batches: Sequence[PartitionBatch],
+    *,
+    before_commit: Callable[[], None] = lambda: None,
+) -> int:
     """Writes the batches and moves their offsets in one transaction; returns the steps
-    created. Raises Fenced, having written nothing, when the batch must be read again."""
+    created. Raises Fenced, having written nothing, when the batch must be read again.
+
+    `before_commit` runs last inside the transaction: the Kafka worker waits there for the
+    broker to acknowledge the batch's sink records, which it sent before, so the wait
+    overlaps the writes; if it raises, nothing commits."""
     with transaction.atomic(durable=True):
         _check_binding(binding)
         for batch in batches:
             _move_offset(binding, batch)
         outcomes = [outcome for batch in batches for outcome in batch.outcomes]
         dead = [record for batch in batches for record in batch.dead]
-        return write_outcomes(binding.run, segment, outcomes, dead, binding.deployment_id)
+        steps = write_outcomes(binding.run, segment, outcomes, dead, binding.deployment_id)
+        before_commit()
+    return steps
 
 
 def write_outcomes(
@@ -85,42 +101,23 @@ def write_outcomes(
 ) -> int:
     """The rows of taken records, in the caller's transaction; returns the steps created.
     Also what a webhook request and a schedule tick write, with no offsets to move."""
-    events: list[Event] = []
+    events = SegmentEvents(run)
     steps: list[Step] = []
     rows: list[ResultRow] = []
+    source_node = segment.source["id"]
     for outcome in outcomes:
         record = outcome.record
-        source = Event(
-            tenant_id=run.tenant_id,
-            run=run,
-            node_id=segment.source["id"],
-            key=record.key,
-            payload=record.payload,
-            event_time=record.event_time,
-            origin=record.origin,
-        )
-        events.append(source)
+        source_id = events.add(source_node, "out", record.payload, record, parent=None)
         for exit in outcome.exits:
-            event = source
-            if exit.node_id != source.node_id:
-                event = Event(
-                    tenant_id=run.tenant_id,
-                    run=run,
-                    node_id=exit.node_id,
-                    port=exit.port,
-                    key=record.key,
-                    payload=exit.payload,
-                    event_time=record.event_time,
-                    origin=record.origin,
-                    parent=source.id,
-                )
-                events.append(event)
-            steps += [new_step(run, segment.nodes[t], [event.id], []) for t in exit.targets]
+            event_id = source_id
+            if exit.node_id != source_node:
+                event_id = events.add(exit.node_id, exit.port, exit.payload, record, source_id)
+            steps += [new_step(run, segment.nodes[t], [event_id], []) for t in exit.targets]
         rows += [
             ResultRow(tenant_id=run.tenant_id, run=run, table=table, data=row, effect_key=key)
             for table, row, key in outcome.rows
         ]
-    store.create_rows(events)
+    events.copy()
     if rows:
         ResultRow.objects.bulk_create(rows)
     if dead:
@@ -136,19 +133,60 @@ def write_outcomes(
     return len(steps)
 
 
-def produce(outcomes: Sequence[RecordOutcome]) -> None:
-    """What the outcomes' Kafka sinks emit, each record carrying its effect key; returns once
-    the broker acknowledged all of them (the caller commits after), else DeliveryFailed."""
+class SegmentEvents:
+    """A segment's events as rows for one COPY. A micro-batch writes thousands; building a
+    Django model and asking each of its fields for its database value costs more than the
+    COPY itself (bench kafka), and these rows have no defaults or signals to honour."""
+
+    COLUMNS = (
+        "id", "tenant_id", "run_id", "producer_id", "seq", "node_id", "port", "key",
+        "payload", "event_time", "scopes", "parent", "origin", "created_at",
+    )  # fmt: skip
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.now = timezone.now()
+        self.rows: list[tuple[Any, ...]] = []
+
+    def add(
+        self, node_id: str, port: str, payload: JSON, record: Record, parent: UUID | None
+    ) -> UUID:
+        event_id = uuid4()
+        self.rows.append(
+            (
+                event_id, self.run.tenant_id, self.run.id, None, 0, node_id, port,
+                record.key, json.dumps(payload, default=str), record.event_time, "[]",
+                parent, record.origin, self.now,
+            )
+        )  # fmt: skip
+        return event_id
+
+    def copy(self) -> None:
+        if not self.rows:
+            return
+        statement = f"COPY runs_event ({', '.join(self.COLUMNS)}) FROM STDIN"
+        with connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in self.rows:
+                copy.write_row(row)
+
+
+def send_produced(outcomes: Sequence[RecordOutcome]) -> kafka.Deliveries:
+    """Sends what the outcomes' Kafka sinks emit, each record carrying its effect key;
+    `wait()` on the result returns once the broker acknowledged all of them (the caller
+    commits after), else raises DeliveryFailed. No sink records, no Kafka client at all."""
     records = [p for outcome in outcomes for p in outcome.produce]
-    if not records:
-        return
-    deliveries = kafka.Deliveries(kafka.shared_producer())
+    deliveries = kafka.Deliveries(kafka.shared_producer() if records else None)
     for p in records:
         headers: list[tuple[str, str | bytes | None]] = [
             (kafka.EFFECT_HEADER, p.effect_key.encode())
         ]
         deliveries.send(p.topic, p.value, key=p.key, headers=headers)
-    deliveries.wait()
+    return deliveries
+
+
+def produce(outcomes: Sequence[RecordOutcome]) -> None:
+    """send_produced, then wait for the broker's acknowledgements."""
+    send_produced(outcomes).wait()
 
 
 def _check_binding(binding: Binding) -> None:

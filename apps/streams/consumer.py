@@ -37,8 +37,8 @@ from apps.streams.checkpoint import (
     PartitionBatch,
     commit_batch,
     note_high_watermarks,
-    produce,
     read_offsets,
+    send_produced,
     start_offsets,
 )
 from apps.streams.drain import finish_drain
@@ -53,7 +53,7 @@ from workers.operators.streams import KafkaSource, parse_time
 
 log = logging.getLogger(__name__)
 
-BATCH = env_int("SLUICE_KAFKA_BATCH", 1000, minimum=1)
+BATCH = env_int("SLUICE_KAFKA_BATCH", 2000, minimum=1)
 # How often the worker looks for deployments started, changed, paused or stopped.
 RECONCILE_S = env_float("SLUICE_KAFKA_RECONCILE_S", 1.0)
 # How often an idle deployment's partition ends are read again (lag, drains).
@@ -207,8 +207,9 @@ class DeploymentConsumer:
             return 0
         self.idle_since = time.monotonic()
         try:
-            produce([o for batch in batches for o in batch.outcomes])
-            commit_batch(self.binding, self.segment, batches)
+            # Sent now, acknowledged by the time the transaction commits (its last act).
+            deliveries = send_produced([o for batch in batches for o in batch.outcomes])
+            commit_batch(self.binding, self.segment, batches, before_commit=deliveries.wait)
         except (Fenced, kafka.DeliveryFailed) as exc:
             log.info("deployment %s: batch refused (%s); reading again", self.deployed.id, exc)
             self.seek_to_held()

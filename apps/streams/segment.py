@@ -31,6 +31,7 @@ from workers.operators.streams import KafkaSink
 # bounds a pathological fan of switches.
 MAX_VISITS = 1000
 MAX_EFFECT_KEY = 200
+NOWHERE: tuple[list[str], tuple[str, ...]] = ([], ())
 
 
 def in_segment(node: JSON) -> bool:
@@ -97,10 +98,23 @@ class Segment:
             and in_segment(node)
         }  # fmt: skip
         self.max_fanout = int(spec.get("policies", {}).get("max_fanout", 1000))
+        # The same for every record: made once.
+        self._contexts = {
+            node_id: self._context(node_id, self.nodes[node_id].get("config", {}))
+            for node_id in self.inside
+        }
         # (node, port) -> targets, in the spec's order: asked once per node per record.
         self.targets: dict[tuple[str, str], list[str]] = defaultdict(list)
         for edge in map(as_edge, spec.get("edges", [])):
             self.targets[(edge.source, edge.port)].append(edge.target)
+        # The same split by executor: (targets run here, targets that become steps).
+        self.split: dict[tuple[str, str], tuple[list[str], tuple[str, ...]]] = {
+            edge: (
+                [t for t in targets if t in self.inside],
+                tuple(t for t in targets if t not in self.inside),
+            )
+            for edge, targets in self.targets.items()
+        }
 
     @cached_property
     def input_validator(self) -> Draft202012Validator | None:
@@ -120,18 +134,17 @@ class Segment:
         outcome = RecordOutcome(record)
         self.check_input(record.payload)
         visits: dict[str, int] = defaultdict(int)
+        total_visits = 0
         pending: list[tuple[str, str, JSON]] = [(self.source["id"], "out", record.payload)]
         while pending:
-            node_id, port, payload = pending.pop(0)
-            targets = self.targets.get((node_id, port), [])
-            leaving = tuple(t for t in targets if t not in self.inside)
+            node_id, port, payload = pending.pop()
+            here, leaving = self.split.get((node_id, port), NOWHERE)
             if leaving:
                 outcome.exits.append(Exit(node_id, port, payload, leaving))
-            for target in targets:
-                if target not in self.inside:
-                    continue
+            for target in here:
                 visits[target] += 1
-                if sum(visits.values()) > MAX_VISITS:
+                total_visits += 1
+                if total_visits > MAX_VISITS:
                     raise SegmentError(target, f"more than {MAX_VISITS} node visits")
                 try:
                     pending += self._run_node(target, payload, outcome, visits[target])
@@ -147,13 +160,15 @@ class Segment:
         node = self.nodes[node_id]
         operator: Operator = REGISTRY[node["type"]]
         config = node.get("config", {})
-        effect_key = self.effect_key(outcome.record.origin, node_id, visit)
         if isinstance(operator, KafkaSink):
             key, value = operator.record(config, payload)
+            effect_key = self.effect_key(outcome.record.origin, node_id, visit)
             outcome.produce.append(Produce(config["topic"], key, value, effect_key))
             return [(node_id, "out", payload)]
-        result = operator.run(self._context(node_id, config), [InputEvent("", payload)])
-        outcome.rows += [(table, row, effect_key) for table, row in result.table_rows]
+        result = operator.run(self._contexts[node_id], [InputEvent("", payload)])
+        for table, row in result.table_rows:
+            effect_key = self.effect_key(outcome.record.origin, node_id, visit)
+            outcome.rows.append((table, row, effect_key))
         return [(node_id, output.port, output.payload) for output in result.outputs]
 
     def _context(self, node_id: str, config: JSON) -> StepContext:

@@ -67,10 +67,14 @@ class Platform:
             time.sleep(0.1)
         raise RuntimeError(f"kafka worker {name} not started after 60 s; see {path}")
 
-    def start_beat(self) -> subprocess.Popen[bytes]:
-        schedule = SERVICES_DIR / f"beat-{self.label}"
+    def start_beat(
+        self, name: str = "beat", *, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Beat; a second one needs another `name` (each keeps its own schedule file)."""
+        suffix = "" if name == "beat" else f"-{name}"
+        schedule = SERVICES_DIR / f"beat-{self.label}{suffix}"
         proc = processes.spawn(
-            processes.beat_argv(schedule), env=self.env(), log_path=self.log_path("beat")
+            processes.beat_argv(schedule), env=self.env(**(env or {})), log_path=self.log_path(name)
         )
         self.procs.append(proc)
         return proc

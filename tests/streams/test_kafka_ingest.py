@@ -127,29 +127,36 @@ def count_rows(world: World) -> int:
 def test_records_flow_through_the_segment_and_steps_exactly_once(
     world: World, stream_platform: Platform, kafka_bootstrap: str
 ) -> None:
-    records = 2000
+    records = 10_000
     topics = Topics()
     create_topics(kafka_bootstrap, topics.all())
     graph = world.graph("orders", stream_spec(topics))
     deployment = deploy(world, graph)
     send(kafka_bootstrap, topics.orders, orders(records))
     send(kafka_bootstrap, topics.orders, [("bad", b"not json"), ("x", {"id": "x"})])
-    stream_platform.start_worker("cpu", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
+    cpu = stream_platform.start_worker("cpu", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
     kafka_a = stream_platform.start_kafka_worker("kafka-a")
     big = sum(1 for _, order in orders(records) if order["amount"] >= 50)
     small = records - big
 
-    # SIGKILL the Kafka worker at random points while records flow, replacing it each time.
-    for kill in range(3):
-        time.sleep(random.uniform(0.3, 1.5))
+    # SIGKILL the Kafka worker at random points while records flow (mid-batch, between the
+    # checkpoint and the offsets told to Kafka, while producing), replacing it each time;
+    # and once the Celery worker running the steps after the segment.
+    for kill in range(5):
+        time.sleep(random.uniform(0.2, 1.2))
         stream_platform.kill(kafka_a)
         kafka_a = stream_platform.start_kafka_worker(f"kafka-a{kill}")
-    wait_for(lambda: count_rows(world) >= big, 120, "the big orders' rows")
+        if kill == 1:
+            stream_platform.kill(cpu)
+            cpu = stream_platform.start_worker(
+                "cpu2", CPU_WORKER_QUEUES, pool="prefork", concurrency=2
+            )
+    wait_for(lambda: count_rows(world) >= big, 180, "the big orders' rows")
 
     big_out = TopicReader(kafka_bootstrap, topics.big)
     small_out = TopicReader(kafka_bootstrap, topics.small)
     big_out.read_until(big, 60)
-    small_out.read_until(small, 120)
+    small_out.read_until(small, 180)
     with tenant_context(world.acme):
         rows = list(ResultRow.objects.filter(table="big_orders").values_list("data", flat=True))
         sources = Event.objects.filter(run=deployment.run, node_id="orders")

@@ -54,7 +54,12 @@ def syntax_error(source: str) -> str | None:
 
 @lru_cache(maxsize=512)
 def compile_template(source: str) -> Template:
-    return _environment.from_string(source)
+    template = _environment.from_string(source)
+    # Jinja keeps a template's globals as a ChainMap over the environment's, and copies it
+    # into a new dict on every render; iterating a ChainMap was a quarter of a stream
+    # segment's time per record (bench kafka). Ours never change after start: flatten once.
+    template.globals = dict(template.globals)
+    return template
 
 
 def render(source: str, variables: dict[str, Any]) -> str:
