@@ -161,7 +161,7 @@ class Segment:
         operator: Operator = REGISTRY[node["type"]]
         config = node.get("config", {})
         if isinstance(operator, KafkaSink):
-            key, value = operator.record(config, payload)
+            key, value = operator.record(config, payload, outcome.record.key)
             effect_key = self.effect_key(outcome.record.origin, node_id, visit)
             outcome.produce.append(Produce(config["topic"], key, value, effect_key))
             return [(node_id, "out", payload)]

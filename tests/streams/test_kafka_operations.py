@@ -14,7 +14,7 @@ from apps.graphs.services import add_version
 from apps.graphs.validation import SpecInvalid
 from apps.runs.models import Event, ResultRow, Run, RunStatus
 from apps.streams import services
-from apps.streams.models import Deployment, DeploymentStatus, PartitionOffset
+from apps.streams.models import DeadLetter, Deployment, DeploymentStatus, PartitionOffset
 from apps.tenants.context import tenant_context
 from sluice import processes
 from tests.conftest import World
@@ -196,3 +196,29 @@ def test_a_graph_cannot_name_another_tenants_topics(world: World) -> None:
         "node 'in': topic 'globex.orders' is outside this tenant's namespace: its topics start"
         " with 'acme.' (for example acme.orders)"
     ]
+
+
+def test_a_dead_letter_replays_through_the_deployed_version_once(
+    world: World, kafka_bootstrap: str
+) -> None:
+    graph = world.graph("replayed", tagged_spec("acme.replayed", "v1"))
+    with tenant_context(world.acme):
+        deployment = services.deploy(graph=graph, version=graph.live_version(), actor=world.owner)
+        fixable = DeadLetter.objects.create(
+            tenant=world.acme, deployment=deployment, topic="acme.replayed", partition=0,
+            offset=7, error="node 'tag': boom", payload='{"n": 7}',
+        )  # fmt: skip
+        hopeless = DeadLetter.objects.create(
+            tenant=world.acme, deployment=deployment, topic="acme.replayed", partition=0,
+            offset=8, error="the value is not JSON", payload="{not json",
+        )  # fmt: skip
+        services.replay_dead_letter(fixable, actor=world.operator)
+        services.replay_dead_letter(hopeless, actor=world.operator)
+        with pytest.raises(services.DeploymentRefused, match="already replayed"):
+            services.replay_dead_letter(fixable, actor=world.operator)
+        rows = list(ResultRow.objects.filter(run=deployment.run).values_list("data", flat=True))
+        hopeless.refresh_from_db()
+        fixable.refresh_from_db()
+    assert rows == [{"n": 7, "tag": "v1"}]
+    assert fixable.replayed_at is not None
+    assert hopeless.replayed_at is None and hopeless.error.startswith("replay failed: the value")

@@ -153,7 +153,8 @@ class KafkaSink(Operator):
         "required": ["topic"],
         "properties": {
             "topic": TOPIC,
-            # Templates over the payload; without `value`, the payload itself as JSON.
+            # Templates over the payload; without `value`, the payload itself as JSON;
+            # without `key`, the event's key (in a stream segment), so per-key order holds.
             "key": {"type": "string", "minLength": 1, "maxLength": 1000},
             "value": {"type": "string", "minLength": 1},
         },
@@ -168,10 +169,14 @@ class KafkaSink(Operator):
                 issues.append(SpecIssue(field, problem))
         return issues
 
-    def record(self, config: JSON, payload: JSON) -> tuple[bytes | None, bytes]:
+    def record(
+        self, config: JSON, payload: JSON, event_key: str = ""
+    ) -> tuple[bytes | None, bytes]:
         """The (key, value) this payload becomes."""
         variables = template_variables(payload)
         key = render(config["key"], variables).encode() if "key" in config else None
+        if key is None and event_key:
+            key = event_key.encode()
         if "value" in config:
             value = render(config["value"], variables).encode()
         else:
