@@ -107,7 +107,7 @@ def write_outcomes(
     source_node = segment.source["id"]
     for outcome in outcomes:
         record = outcome.record
-        source_id = events.add(source_node, "out", record.payload, record, parent=None)
+        source_id = events.add(source_node, "out", record.raw or record.payload, record, None)
         for exit in outcome.exits:
             event_id = source_id
             if exit.node_id != source_node:
@@ -149,13 +149,15 @@ class SegmentEvents:
         self.rows: list[tuple[Any, ...]] = []
 
     def add(
-        self, node_id: str, port: str, payload: JSON, record: Record, parent: UUID | None
+        self, node_id: str, port: str, payload: JSON | str, record: Record, parent: UUID | None
     ) -> UUID:
+        """`payload` as a dict, or as JSON text already."""
         event_id = uuid4()
+        text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
         self.rows.append(
             (
                 event_id, self.run.tenant_id, self.run.id, None, 0, node_id, port,
-                record.key, json.dumps(payload, default=str), record.event_time, "[]",
+                record.key, text, record.event_time, "[]",
                 parent, record.origin, self.now,
             )
         )  # fmt: skip

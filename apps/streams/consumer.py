@@ -53,7 +53,7 @@ from workers.operators.streams import KafkaSource, parse_time
 
 log = logging.getLogger(__name__)
 
-BATCH = env_int("SLUICE_KAFKA_BATCH", 2000, minimum=1)
+BATCH = env_int("SLUICE_KAFKA_BATCH", 5000, minimum=1)
 # How often the worker looks for deployments started, changed, paused or stopped.
 RECONCILE_S = env_float("SLUICE_KAFKA_RECONCILE_S", 1.0)
 # How often an idle deployment's partition ends are read again (lag, drains).
@@ -247,7 +247,9 @@ class DeploymentConsumer:
             payload, event_key, event_time = self.source.decode(
                 self.config, key, value, message.timestamp()[1]
             )
-            batch.outcomes.append(self.segment.run(Record(origin, payload, event_key, event_time)))
+            raw = _utf8(value)
+            record = Record(origin, payload, event_key, event_time, raw)
+            batch.outcomes.append(self.segment.run(record))
         except (PermanentError, SegmentError) as exc:
             batch.dead.append(
                 DeadRecord(
@@ -372,3 +374,10 @@ def _names(partitions: list[TopicPartition]) -> str:
 def _epoch_ms(value: str) -> int:
     parsed = parse_time(value)
     return int(parsed.timestamp() * 1000) if parsed else 0
+
+
+def _utf8(value: bytes | None) -> str | None:
+    try:
+        return value.decode("utf-8") if value is not None else None
+    except UnicodeDecodeError:
+        return None  # JSON in UTF-16 or UTF-32: the payload is encoded again instead

@@ -55,6 +55,9 @@ class Record:
     payload: JSON
     key: str
     event_time: datetime
+    # The payload's JSON text as it arrived, when it is UTF-8: stored as the record's event
+    # without encoding the payload again.
+    raw: str | None = None
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,12 @@ def test_records_flow_through_the_segment_and_steps_exactly_once(
     graph = world.graph("orders", stream_spec(topics))
     deployment = deploy(world, graph)
     send(kafka_bootstrap, topics.orders, orders(records))
-    send(kafka_bootstrap, topics.orders, [("bad", b"not json"), ("x", {"id": "x"})])
+    poison = [
+        ("bad", b"not json"),
+        ("x", {"id": "x"}),  # fails the input schema
+        ("nul", b'{"id": "n\\u0000", "amount": 1}'),  # jsonb cannot store it
+    ]
+    send(kafka_bootstrap, topics.orders, poison)
     cpu = stream_platform.start_worker("cpu", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
     kafka_a = stream_platform.start_kafka_worker("kafka-a")
     big = sum(1 for _, order in orders(records) if order["amount"] >= 50)
@@ -168,13 +173,14 @@ def test_records_flow_through_the_segment_and_steps_exactly_once(
         assert done_steps.count() == small
         assert not Step.objects.filter(run=deployment.run).exclude(status=StepStatus.DONE)
     assert len(rows) == big and len({row["id"] for row in rows}) == big
-    # The two poison records are dead letters with their coordinates; neither blocked its
-    # partition (every offset after them was taken).
+    # The poison records are dead letters with their coordinates; none blocked its partition
+    # (every offset after them was taken).
     errors = sorted(letter.error for letter in dead)
     assert errors[0] == "input schema: the payload: 'amount' is a required property"
-    assert errors[1].startswith("the value is not JSON")
+    assert errors[1].startswith("the value contains a NUL character")
+    assert errors[2].startswith("the value is not JSON")
     assert all(letter.topic == topics.orders and letter.offset is not None for letter in dead)
-    assert sum(o.next_offset for o in offsets) == records + 2
+    assert sum(o.next_offset for o in offsets) == records + len(poison)
     # On the topics: every effect key at least once; deduplicated, each record once.
     assert len(big_out.distinct()) == big
     assert {json.loads(r.value)["id"] for r in big_out.distinct().values()} == {

@@ -6,6 +6,7 @@ record becomes an event there. As steps (a replayed run) a source passes its inp
 """
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,12 +82,17 @@ class KafkaSource(StreamSource):
         if len(value) > MAX_RECORD_BYTES:
             raise PermanentError(f"the record is {len(value)} bytes; the limit is 1 MB")
         try:
-            payload = json.loads(value)
+            payload = json.loads(value, parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError) as exc:
             raise PermanentError(f"the value is not JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise PermanentError(f"the value must be a JSON object, got {type(payload).__name__}")
-        event_key = key.decode("utf-8", "replace")[:200] if key else ""
+        if _MAYBE_UNSTORABLE.search(value) and _unstorable(payload):
+            raise PermanentError(
+                "the value contains a NUL character or a lone surrogate (\\u0000, \\ud800),"
+                " which PostgreSQL cannot store"
+            )
+        event_key = key.decode("utf-8", "replace").replace("\x00", "")[:200] if key else ""
         if "key_field" in config:
             event_key = _text(payload.get(config["key_field"]))[:200]
         event_time = datetime.fromtimestamp(max(timestamp_ms, 0) / 1000, tz=UTC)
@@ -198,6 +204,27 @@ class KafkaSink(Operator):
         request = {"topic": topic, "key": key.decode() if key else None, "bytes": len(value)}
         produced = ctx.perform_effect("produce", request, produce)
         return StepResult(outputs=[Output({**payload, "produced": produced})])
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity; JSON and PostgreSQL do not.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+# A cheap look at the bytes first: only an escape can put these into parsed JSON.
+_MAYBE_UNSTORABLE = re.compile(rb"\\u(0000|[dD][89a-fA-F])")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _unstorable(value: Any) -> bool:
+    """Whether a string in `value` holds what jsonb refuses (a batch with it would fail)."""
+    if isinstance(value, str):
+        return _UNSTORABLE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_unstorable(k) or _unstorable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_unstorable(item) for item in value)
+    return False
 
 
 def _text(value: Any) -> str:
