@@ -23,6 +23,7 @@ from apps.runs.engine import store
 from apps.runs.models import ACTIVE_RUN_STATUSES, Event, Run, RunKind, RunStatus
 from apps.tenants.models import Tenant
 from apps.tenants.quotas import usd
+from workers import storable
 
 MAX_INPUT_BYTES = 1024 * 1024
 
@@ -45,6 +46,8 @@ def check_input(version: GraphVersion, payload: Any) -> dict[str, Any]:
     size = len(json.dumps(payload).encode())
     if size > MAX_INPUT_BYTES:
         raise InvalidInput(f"input is {size} bytes; the limit is {MAX_INPUT_BYTES} bytes")
+    if storable.unstorable(payload):
+        raise InvalidInput(f"input {storable.PROBLEM}")
     validator = input_validator(version.pk)
     if validator is not None:
         error = jsonschema.exceptions.best_match(validator.iter_errors(payload))

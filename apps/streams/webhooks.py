@@ -39,7 +39,7 @@ from apps.streams.models import Deployment, DeploymentStatus, SourceKind, Webhoo
 from apps.streams.segment import Record, Segment, SegmentError
 from apps.streams.services import DeploymentRefused, new_webhook_secret
 from apps.tenants.context import current_tenant, tenant_context
-from workers import kafka
+from workers import kafka, storable
 from workers.operators.base import JSON, PermanentError
 from workers.operators.streams import MAX_RECORD_BYTES, parse_time
 
@@ -226,30 +226,11 @@ def _payload(body: bytes) -> JSON:
             "Bad request",
             f"The body must be a JSON object, got {type(payload).__name__}.",
         )
-    if _has_nul(payload):
+    if storable.unstorable(payload):
         raise Refused(
-            422,
-            "unstorable",
-            "Invalid input",
-            "The body contains a \\u0000 (NUL) character, which cannot be stored; remove it.",
+            422, "unstorable", "Invalid input", f"The body {storable.PROBLEM}; remove it."
         )
     return payload
-
-
-def _has_nul(payload: JSON) -> bool:
-    """PostgreSQL's jsonb holds no NUL in a string or a key."""
-    pending: list[Any] = [payload]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, str):
-            if "\x00" in value:
-                return True
-        elif isinstance(value, dict):
-            pending += value.keys()
-            pending += value.values()
-        elif isinstance(value, list):
-            pending += value
-    return False
 
 
 def _key_and_time(segment: Segment, payload: JSON, now: datetime) -> tuple[str, datetime]:

@@ -6,12 +6,12 @@ record becomes an event there. As steps (a replayed run) a source passes its inp
 """
 
 import json
-import re
 from datetime import UTC, datetime
 from typing import Any
 
 from croniter import croniter
 
+from workers import storable
 from workers.kafka import EFFECT_HEADER, Deliveries, shared_producer
 from workers.operators.base import (
     JSON,
@@ -26,6 +26,7 @@ from workers.operators.base import (
 )
 from workers.operators.builtin import FIELD_NAME, only_input, template_variables
 from workers.operators.templating import render, syntax_error
+from workers.storable import unstorable_json
 
 MAX_RECORD_BYTES = 1_000_000
 TOPIC = {"type": "string", "minLength": 1, "maxLength": 249}
@@ -87,11 +88,8 @@ class KafkaSource(StreamSource):
             raise PermanentError(f"the value is not JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise PermanentError(f"the value must be a JSON object, got {type(payload).__name__}")
-        if _MAYBE_UNSTORABLE.search(value) and _unstorable(payload):
-            raise PermanentError(
-                "the value contains a NUL character or a lone surrogate (\\u0000, \\ud800),"
-                " which PostgreSQL cannot store"
-            )
+        if unstorable_json(value, payload):
+            raise PermanentError(f"the value {storable.PROBLEM}")
         event_key = key.decode("utf-8", "replace").replace("\x00", "")[:200] if key else ""
         if "key_field" in config:
             event_key = _text(payload.get(config["key_field"]))[:200]
@@ -209,22 +207,6 @@ class KafkaSink(Operator):
 def _refuse_constant(name: str) -> Any:
     # Python's json reads NaN and Infinity; JSON and PostgreSQL do not.
     raise ValueError(f"{name} is not a JSON value")
-
-
-# A cheap look at the bytes first: only an escape can put these into parsed JSON.
-_MAYBE_UNSTORABLE = re.compile(rb"\\u(0000|[dD][89a-fA-F])")
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def _unstorable(value: Any) -> bool:
-    """Whether a string in `value` holds what jsonb refuses (a batch with it would fail)."""
-    if isinstance(value, str):
-        return _UNSTORABLE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_unstorable(k) or _unstorable(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_unstorable(item) for item in value)
-    return False
 
 
 def _text(value: Any) -> str:
