@@ -259,6 +259,7 @@ SPECTACULAR_SETTINGS = {
         "RunStatusEnum": "apps.runs.models.RunStatus",
         "RunKindEnum": "apps.runs.models.RunKind",
         "StepStatusEnum": "apps.runs.models.StepStatus",
+        "DeploymentStatusEnum": "apps.streams.models.DeploymentStatus",
     },
 }
 # Admission control: platform defaults for a tenant that sets none (apps/api/admission.py).

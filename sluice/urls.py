@@ -14,6 +14,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("hooks/<uuid:deployment_id>/", receive_webhook, name="stream-webhook"),
     path("runs/", include("apps.runs.urls")),
+    path("deployments/", include("apps.streams.urls")),
     path("tenant/secrets/", include("apps.secrets.urls")),
     path("usage/", include("apps.usage.urls")),
     path("", include("apps.tenants.urls")),

@@ -1,7 +1,7 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from apps.api.views import events, graphs, jobs, runs
+from apps.api.views import deployments, events, graphs, jobs, runs
 
 app_name = "api"
 
@@ -36,4 +36,40 @@ urlpatterns = [
     path("jobs/<uuid:job_id>/", jobs.JobDetailView.as_view(), name="job"),
     path("jobs/<uuid:job_id>/cancel/", jobs.JobCancelView.as_view(), name="job-cancel"),
     path("jobs/<uuid:job_id>/results/", jobs.JobResultsView.as_view(), name="job-results"),
+    path("deployments/", deployments.DeploymentListView.as_view(), name="deployments"),
+    path(
+        "deployments/<uuid:deployment_id>/",
+        deployments.DeploymentDetailView.as_view(),
+        name="deployment",
+    ),
+    path(
+        "deployments/<uuid:deployment_id>/pause/",
+        deployments.PauseView.as_view(),
+        name="deployment-pause",
+    ),
+    path(
+        "deployments/<uuid:deployment_id>/resume/",
+        deployments.ResumeView.as_view(),
+        name="deployment-resume",
+    ),
+    path(
+        "deployments/<uuid:deployment_id>/drain/",
+        deployments.DrainView.as_view(),
+        name="deployment-drain",
+    ),
+    path(
+        "deployments/<uuid:deployment_id>/redeploy/",
+        deployments.RedeployView.as_view(),
+        name="deployment-redeploy",
+    ),
+    path(
+        "deployments/<uuid:deployment_id>/dead-letters/",
+        deployments.DeadLetterListView.as_view(),
+        name="deployment-dead-letters",
+    ),
+    path(
+        "deployments/<uuid:deployment_id>/dead-letters/<int:dead_letter_id>/replay/",
+        deployments.ReplayView.as_view(),
+        name="deployment-dead-letter-replay",
+    ),
 ]

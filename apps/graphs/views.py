@@ -1,5 +1,7 @@
 """Graph pages: the current tenant's graph list, and one graph's page with its deployed
-version, recent runs, versions, the run form (operator+) and the new-version form (editor+).
+version, recent runs, versions, the run form (operator+), the new-version form (editor+),
+and for a version that starts with a stream source its stream deployment (the "Deploy as
+stream" button posts to apps.streams' pages).
 
 Every object comes from a tenant-scoped manager or a tenant-checked helper; writes go
 through the services and show their errors next to the field they concern."""
@@ -23,6 +25,7 @@ from apps.graphs.validation import Edge, SpecInvalid, as_edge, node_queue, sourc
 from apps.runs.models import Run
 from apps.runs.services import InvalidInput, start_run
 from apps.runs.views import run_duration
+from apps.streams.access import deployment_of_graph, stream_source_kind
 from apps.tenants.access import membership_of, require_role, tenant_member_required
 from apps.tenants.models import Role
 from workers.inference.registry import platform_models
@@ -112,6 +115,9 @@ def _detail_page(
         "nodes": [_node_row(node) for node in spec.get("nodes", [])],
         "edges": _edges(spec),
         "can_run": membership.allows(Role.OPERATOR) and version is not None,
+        # A version that starts with a stream source can be deployed as a stream.
+        "stream_kind": stream_source_kind(version),
+        "deployment": deployment_of_graph(graph),
         "can_edit": membership.allows(Role.EDITOR),
         "run_form": run_form
         or RunInputForm(initial={"payload": pretty_json(_example_input(spec))}),

@@ -152,6 +152,10 @@ class WebhookDelivery(TenantModel):
                 fields=["deployment", "signature"], name="webhook_delivery_once"
             )
         ]
+        # The deployment page's events/s: deliveries in the last minute.
+        indexes = [
+            models.Index(fields=["deployment", "received_at"], name="webhook_delivery_recent")
+        ]
 
 
 class ScheduleTick(TenantModel):

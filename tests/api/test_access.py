@@ -1,8 +1,9 @@
 """Who may call what in the REST API, table-driven over every endpoint in apps/api/urls.py:
 no credentials or a bad key → 401; a key without the endpoint's scope → 403 naming it; the
-right scope passes; another tenant's graph, version, run, output event or job → 404 with
-nothing of theirs changed; the browser session by role, with CSRF; a key wins over a cookie.
-The OpenAPI schema and its docs page are public and served from our own static files."""
+right scope passes; another tenant's graph, version, run, output event, job, stream
+deployment or dead letter → 404 with nothing of theirs changed; the browser session by role,
+with CSRF; a key wins over a cookie. The OpenAPI schema and its docs page are public and
+served from our own static files."""
 
 import re
 import secrets
@@ -19,8 +20,11 @@ from apps.api.models import BatchJob, IdempotentReply
 from apps.api.urls import urlpatterns
 from apps.audit.models import AuditEntry
 from apps.graphs.models import GraphVersion, StreamGraph
-from apps.runs.models import Event, Run, RunStatus, Step
+from apps.graphs.services import add_version
+from apps.runs.models import Event, Run, RunKind, RunStatus, Step
 from apps.runs.services import start_run
+from apps.streams.models import DeadLetter, Deployment
+from apps.streams.services import deploy as deploy_stream
 from apps.tenants.api_keys import create_api_key, revoke_api_key
 from apps.tenants.context import tenant_context
 from apps.tenants.keys import (
@@ -37,17 +41,28 @@ from tests.conftest import World
 
 PROBLEM = "application/problem+json"
 PUBLIC = {"schema", "docs"}
+# A stream graph's version: what the deployment endpoints act on.
+WEBHOOK_SPEC = {
+    "nodes": [
+        {"id": "hook", "type": "source.webhook"},
+        {"id": "keep", "type": "sink.table", "config": {"table": "hooked"}},
+    ],
+    "edges": [["hook", "keep"]],
+}
 
 
 @dataclass(frozen=True)
 class Ids:
     """One tenant's objects that endpoints name: a graph (with version 1), a run, one of
-    the run's events and a batch job."""
+    the run's events, a batch job, and the graph's stream deployment (of version 2, a
+    webhook source) with one dead letter."""
 
     graph: str
     run: UUID
     event: UUID
     job: UUID
+    deployment: UUID
+    dead: int
 
 
 @dataclass(frozen=True)
@@ -138,10 +153,47 @@ ENDPOINTS = [
     Endpoint("job", "GET", "/api/jobs/{job}/", RUNS_READ),
     Endpoint("job-cancel", "POST", "/api/jobs/{job}/cancel/", RUNS_WRITE),
     Endpoint("job-results", "GET", "/api/jobs/{job}/results/", RUNS_READ),
+    Endpoint("deployments", "GET", "/api/deployments/", RUNS_READ),
+    # The version is deployed already: allowed, and nothing changes.
+    Endpoint(
+        "deployments",
+        "POST",
+        "/api/deployments/",
+        RUNS_WRITE,
+        {"graph": "{graph}", "version": 2},
+        201,
+    ),
+    Endpoint("deployment", "GET", "/api/deployments/{deployment}/", RUNS_READ),
+    Endpoint("deployment-pause", "POST", "/api/deployments/{deployment}/pause/", RUNS_WRITE),
+    # The deployment is running: allowed, and refused for that reason.
+    Endpoint(
+        "deployment-resume", "POST", "/api/deployments/{deployment}/resume/", RUNS_WRITE, ok=409
+    ),
+    Endpoint("deployment-drain", "POST", "/api/deployments/{deployment}/drain/", RUNS_WRITE),
+    Endpoint(
+        "deployment-redeploy",
+        "POST",
+        "/api/deployments/{deployment}/redeploy/",
+        RUNS_WRITE,
+        {"version": 2},
+    ),
+    Endpoint(
+        "deployment-dead-letters", "GET", "/api/deployments/{deployment}/dead-letters/", RUNS_READ
+    ),
+    Endpoint(
+        "deployment-dead-letter-replay",
+        "POST",
+        "/api/deployments/{deployment}/dead-letters/{dead}/replay/",
+        RUNS_WRITE,
+    ),
 ]
 # Paths for the checks made before any lookup: the objects need not exist.
-NOBODYS = Ids(graph="nobodys", run=uuid4(), event=uuid4(), job=uuid4())
-SOMEONES = Ids(graph="someones", run=uuid4(), event=uuid4(), job=uuid4())
+NOBODYS = Ids(
+    graph="nobodys", run=uuid4(), event=uuid4(), job=uuid4(), deployment=uuid4(), dead=10**9
+)
+SOMEONES = Ids(
+    graph="someones", run=uuid4(), event=uuid4(), job=uuid4(), deployment=uuid4(), dead=10**9 + 1
+)
 NAMING_OBJECTS = [endpoint for endpoint in ENDPOINTS if endpoint.names_objects]
 
 
@@ -162,7 +214,20 @@ def objects(world: World, tenant: Tenant, slug: str) -> Ids:
         "/api/jobs/", {"graph": slug, "inputs": [{"x": 1}, {"x": 2}]}
     )
     assert job.status_code == 202, job.content
-    return Ids(graph=slug, run=run.id, event=event.id, job=UUID(job.json()["id"]))
+    with tenant_context(tenant):
+        hook = add_version(graph=graph, spec=WEBHOOK_SPEC, actor=actor, deploy=False)
+        deployment = deploy_stream(graph=graph, version=hook, actor=actor)
+        dead = DeadLetter.objects.create(
+            tenant=tenant, deployment=deployment, error="not JSON", payload="{"
+        )
+    return Ids(
+        graph=slug,
+        run=run.id,
+        event=event.id,
+        job=UUID(job.json()["id"]),
+        deployment=deployment.id,
+        dead=dead.pk,
+    )
 
 
 def assert_problem(response: Any, status: int) -> dict[str, Any]:
@@ -189,6 +254,8 @@ def state(tenant: Tenant) -> dict[str, Any]:
         "steps": rows(Step, "id", "status", "attempt"),
         "events": rows(Event, "id"),
         "jobs": rows(BatchJob, "id", "items"),
+        "deployments": rows(Deployment, "id", "status", "version_id", "run_id"),
+        "dead letters": rows(DeadLetter, "id", "replayed_at", "error"),
         "audit": rows(AuditEntry, "id"),
         "replies": rows(IdempotentReply, "id"),
     }
@@ -443,7 +510,8 @@ def test_a_key_with_another_tenants_session_acts_for_the_key_only(world: World) 
     entry = AuditEntry.unscoped_all_tenants.get(action="run.start", target_id=str(run.id))
     assert entry.actor is None
     assert entry.actor_label == f"api key cli (sk_{key.prefix}…)"
-    assert Run.unscoped_all_tenants.filter(tenant=world.globex).count() == 2
+    their_runs = Run.unscoped_all_tenants.filter(tenant=world.globex).exclude(kind=RunKind.STREAM)
+    assert their_runs.count() == 2  # the interactive run and the job's, as made
     assert str(mine.run) != my_start.json()["id"]
 
 

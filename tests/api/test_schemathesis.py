@@ -87,6 +87,13 @@ BODY: dict[str, Any] = {
 # Runs and jobs whose steps ran (outputs, lineage, results), and ones still queued (cancel).
 STATES = ("finished", "queued")
 LIMIT = 10_000_000  # per minute and per second: high enough that admission never refuses here
+# Deployment paths are aimed at ids that exist nowhere, so that they route (a path that does
+# not route is Django's 404 before any 401): their success answers are held to their shapes
+# in tests/streams/test_deployment_api.py, as stream services' durable transactions cannot
+# run inside the savepoint each case runs in here. The dead letter id is long enough never to
+# appear by chance in an answer.
+NO_DEPLOYMENT = "00000000-0000-4000-8000-00000000d0e5"
+NO_DEAD_LETTER = 9_876_543_210_123
 
 
 def ndjson_lines(
@@ -183,6 +190,8 @@ def run_and_job(version: GraphVersion, actor: Actor, *, finished: bool) -> dict[
         "run_id": str(run.id),
         "event_id": str(event.id),
         "job_id": str(job.id),
+        "deployment_id": NO_DEPLOYMENT,
+        "dead_letter_id": NO_DEAD_LETTER,
     }
 
 
