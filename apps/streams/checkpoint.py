@@ -64,6 +64,7 @@ class PartitionBatch:
     next_offset: int  # one past the batch's last record
     high_watermark: int
     outcomes: list[RecordOutcome] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # of the outcomes, in order
     dead: list[DeadRecord] = field(default_factory=list)
     rate: float = 0.0
 
@@ -238,9 +239,10 @@ def _dead_letter(tenant_id: int, deployment_id: UUID, record: DeadRecord) -> Dea
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
-        key=record.key[:1000],
-        error=record.error[:2000],
-        payload=record.payload,
+        # A text column takes no NUL: a record that was not even JSON may hold one.
+        key=record.key[:1000].replace("\x00", "\ufffd"),
+        error=record.error[:2000].replace("\x00", "\ufffd"),
+        payload=record.payload.replace("\x00", "\ufffd"),
     )
 
 

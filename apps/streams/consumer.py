@@ -13,12 +13,14 @@ after that tell Kafka the offsets (for lag tools; PostgreSQL's are the ones that
 (re)assignment a partition is read from the offset PostgreSQL holds.
 """
 
+import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from uuid import UUID
 
+import psycopg
 from confluent_kafka import (
     OFFSET_END,
     Consumer,
@@ -27,7 +29,7 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from django.db import DatabaseError, close_old_connections, connection
+from django.db import DatabaseError, DataError, close_old_connections, connection
 
 from apps.runs.models import Run
 from apps.streams.checkpoint import (
@@ -43,7 +45,7 @@ from apps.streams.checkpoint import (
 )
 from apps.streams.drain import finish_drain
 from apps.streams.models import ACTIVE_DEPLOYMENT_STATUSES, Deployment, DeploymentStatus, SourceKind
-from apps.streams.segment import Record, Segment, SegmentError
+from apps.streams.segment import Record, RecordOutcome, Segment, SegmentError
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
 from sluice.env import env_float, env_int
@@ -214,6 +216,13 @@ class DeploymentConsumer:
             log.info("deployment %s: batch refused (%s); reading again", self.deployed.id, exc)
             self.seek_to_held()
             return 0
+        except (DataError, psycopg.DataError) as exc:
+            log.warning("deployment %s: PostgreSQL refused a value: %s", self.deployed.id, exc)
+            try:
+                self._commit_one_by_one(batches)
+            except Fenced:
+                self.seek_to_held()
+                return 0
         for batch in batches:
             self.positions[(batch.topic, batch.partition)] = batch.next_offset
         self._tell_kafka(batches)
@@ -250,6 +259,7 @@ class DeploymentConsumer:
             raw = _utf8(value)
             record = Record(origin, payload, event_key, event_time, raw)
             batch.outcomes.append(self.segment.run(record))
+            batch.offsets.append(int(message.offset() or 0))
         except (PermanentError, SegmentError) as exc:
             batch.dead.append(
                 DeadRecord(
@@ -261,6 +271,33 @@ class DeploymentConsumer:
                     offset=message.offset(),
                 )
             )
+
+    def _commit_one_by_one(self, batches: list[PartitionBatch]) -> None:
+        """The last resort when PostgreSQL refuses a value the checks let through: each
+        record in its own checkpoint, and one refused alone becomes a dead letter, so the
+        partition moves on. (Its Kafka sink records were already sent and acknowledged:
+        the dead letter says so.)"""
+        for batch in batches:
+            items: list[tuple[int, RecordOutcome | DeadRecord]] = [
+                *zip(batch.offsets, batch.outcomes, strict=True),
+                *((int(dead.offset or 0), dead) for dead in batch.dead),
+            ]
+            read_at = batch.read_at
+            for offset, item in sorted(items, key=lambda pair: pair[0]):
+                single = PartitionBatch(
+                    batch.topic, batch.partition, read_at, offset + 1, batch.high_watermark
+                )
+                if isinstance(item, DeadRecord):
+                    single.dead.append(item)
+                else:
+                    single.outcomes.append(item)
+                try:
+                    commit_batch(self.binding, self.segment, [single])
+                except (DataError, psycopg.DataError) as exc:
+                    single.outcomes = []
+                    single.dead = [_refused(batch, offset, item, exc)]
+                    commit_batch(self.binding, self.segment, [single])
+                read_at = offset + 1
 
     def _cached_high(self, tp: tuple[str, int]) -> int:
         try:
@@ -381,3 +418,21 @@ def _utf8(value: bytes | None) -> str | None:
         return value.decode("utf-8") if value is not None else None
     except UnicodeDecodeError:
         return None  # JSON in UTF-16 or UTF-32: the payload is encoded again instead
+
+
+def _refused(
+    batch: PartitionBatch, offset: int, item: RecordOutcome | DeadRecord, exc: Exception
+) -> DeadRecord:
+    if isinstance(item, DeadRecord):  # even its dead letter was refused: keep why, not what
+        return replace(
+            item, error=f"PostgreSQL refused it ({exc}); first: {item.error}"[:2000], payload=""
+        )
+    sent = " (its Kafka sink records were sent)" if item.produce else ""
+    return DeadRecord(
+        error=f"PostgreSQL refused the record{sent}: {exc}",
+        payload=item.record.raw or json.dumps(item.record.payload, default=str),
+        key=item.record.key,
+        topic=batch.topic,
+        partition=batch.partition,
+        offset=offset,
+    )

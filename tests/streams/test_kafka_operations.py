@@ -222,3 +222,25 @@ def test_a_dead_letter_replays_through_the_deployed_version_once(
     assert rows == [{"n": 7, "tag": "v1"}]
     assert fixable.replayed_at is not None
     assert hopeless.replayed_at is None and hopeless.error.startswith("replay failed: the value")
+
+
+def test_a_record_postgresql_refuses_is_a_dead_letter_and_the_rest_are_taken(
+    world: World, kafka_platform: Platform, kafka_bootstrap: str
+) -> None:
+    """A template can make a value jsonb refuses (a NUL): the batch is refused, then taken
+    record by record, and only that record is a dead letter."""
+    topics = Topics()
+    create_topics(kafka_bootstrap, [topics.orders], partitions=1)
+    spec = tagged_spec(topics.orders, "{{ 'bad\\x00' if n == 13 else 'ok' }}")
+    graph = world.graph("refused", spec)
+    with tenant_context(world.acme):
+        deployment = services.deploy(graph=graph, version=graph.live_version(), actor=world.owner)
+    send(kafka_bootstrap, topics.orders, records(0, 100))
+    kafka_platform.start_kafka_worker("kafka-refused")
+    wait_for(lambda: taken(deployment) == 99, 60, "every other record")
+    with tenant_context(world.acme):
+        rows = ResultRow.objects.filter(run=deployment.run)
+        letters = list(DeadLetter.objects.filter(deployment=deployment))
+        assert sorted(rows.values_list("data__n", flat=True)) == [n for n in range(100) if n != 13]
+    assert [(letter.offset, letter.payload) for letter in letters] == [(13, '{"n": 13}')]
+    assert letters[0].error.startswith("PostgreSQL refused the record:")
