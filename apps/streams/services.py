@@ -98,7 +98,8 @@ def deploy(*, graph: StreamGraph, version: GraphVersion, actor: Actor) -> Deploy
         deployment.run = run
         if not active:
             deployment.status = DeploymentStatus.RUNNING
-        deployment.save(update_fields=["version", "run", "status", "updated_at"])
+            _skip_missed_ticks(deployment)
+        deployment.save(update_fields=["version", "run", "status", "last_tick_at", "updated_at"])
         after = {"version": version.number, "status": deployment.status}
         _audit(deployment, actor, "deployment.redeploy", before, after)
     return deployment
@@ -156,9 +157,18 @@ def _move(deployment: Deployment, from_: tuple[str, ...], to: str, actor: Actor)
             raise DeploymentRefused(f"the deployment is {locked.status}; it cannot become {to}")
         before = locked.status
         locked.status = to
-        locked.save(update_fields=["status", "updated_at"])
+        if to == DeploymentStatus.RUNNING:
+            _skip_missed_ticks(locked)
+        locked.save(update_fields=["status", "last_tick_at", "updated_at"])
         _audit(locked, actor, f"deployment.{to}", {"status": before}, {"status": to})
     return locked
+
+
+def _skip_missed_ticks(deployment: Deployment) -> None:
+    """A schedule resumed or deployed again starts from now: the ticks it was told not to
+    fire (paused, stopped) are not caught up afterwards."""
+    if deployment.source_kind == SourceKind.SCHEDULE:
+        deployment.last_tick_at = timezone.now()
 
 
 def _locked(deployment: Deployment) -> Deployment:
