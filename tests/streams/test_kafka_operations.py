@@ -8,12 +8,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from apps.audit.models import AuditEntry
 from apps.graphs.services import add_version
 from apps.graphs.validation import SpecInvalid
 from apps.runs.models import Event, ResultRow, Run, RunStatus
 from apps.streams import services
+from apps.streams.consumer import DeploymentConsumer, active_kafka_deployments
 from apps.streams.models import DeadLetter, Deployment, DeploymentStatus, PartitionOffset
 from apps.tenants.context import tenant_context
 from sluice import processes
@@ -244,3 +246,43 @@ def test_a_record_postgresql_refuses_is_a_dead_letter_and_the_rest_are_taken(
         assert sorted(rows.values_list("data__n", flat=True)) == [n for n in range(100) if n != 13]
     assert [(letter.offset, letter.payload) for letter in letters] == [(13, '{"n": 13}')]
     assert letters[0].error.startswith("PostgreSQL refused the record:")
+
+
+@pytest.mark.parametrize("start_from", ["earliest", "latest", "timestamp"])
+def test_a_new_deployment_starts_where_its_source_says(
+    world: World, kafka_bootstrap: str, start_from: str
+) -> None:
+    """Run in this process: the worker's consumer for one deployment, polled by hand."""
+    topics = Topics()
+    create_topics(kafka_bootstrap, [topics.orders], partitions=1)
+    send(kafka_bootstrap, topics.orders, records(0, 10))
+    time.sleep(1.1)  # the records after this moment are newer than the start timestamp
+    start_at = timezone.now()
+    spec = tagged_spec(topics.orders, "t")
+    spec["nodes"][0]["config"] |= {"start_from": start_from}
+    if start_from == "timestamp":
+        spec["nodes"][0]["config"]["start_timestamp"] = start_at.isoformat()
+        send(kafka_bootstrap, topics.orders, records(10, 5))
+    graph = world.graph(f"start-{start_from}", spec)
+    with tenant_context(world.acme):
+        deployment = services.deploy(graph=graph, version=graph.live_version(), actor=world.owner)
+    deployed = active_kafka_deployments()[deployment.id]
+    consumer = DeploymentConsumer(deployed, "test")
+    try:
+        with tenant_context(world.acme):
+            wait_for(lambda: consumer.poll(0.5) >= 0 and bool(consumer.positions), 30, "assign")
+            if start_from == "latest":
+                send(kafka_bootstrap, topics.orders, records(20, 5))
+            wait_for(lambda: consumer.poll(0.5) >= 0 and taken(deployment) >= 5, 30, "records")
+            consumer.poll(1.0)
+            numbers = sorted(
+                ResultRow.objects.filter(run=deployment.run).values_list("data__n", flat=True)
+            )
+    finally:
+        consumer.close()
+    expected = {
+        "earliest": list(range(10)),
+        "latest": list(range(20, 25)),
+        "timestamp": list(range(10, 15)),
+    }[start_from]
+    assert numbers == expected

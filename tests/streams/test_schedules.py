@@ -194,6 +194,7 @@ def test_a_paused_deployment_fires_nothing_and_resumes_from_now(world: World) ->
         services.resume(deployment, actor=world.owner)
     # The ticks it was paused through are not caught up: it goes on from the resume.
     resumed_at = last_tick_at(deployment)
+    assert resumed_at is not None
     assert abs((resumed_at - timezone.now()).total_seconds()) < 60
     assert fire_due_ticks(resumed_at + 2 * MINUTE) == 2
 
