@@ -61,6 +61,8 @@ RECONCILE_S = env_float("SLUICE_KAFKA_RECONCILE_S", 1.0)
 # How often an idle deployment's partition ends are read again (lag, drains).
 IDLE_MARKS_S = 5.0
 POLL_S = 0.1
+# A turn of several deployments that found nothing waits this long before the next.
+IDLE_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -367,13 +369,18 @@ class KafkaWorker:
             if time.monotonic() - self.reconciled_at >= RECONCILE_S:
                 self.reconcile()
             taken = 0
-            timeout = POLL_S / max(len(self.consumers), 1)
-            for consumer in list(self.consumers.values()):
+            consumers = list(self.consumers.values())
+            # One deployment may wait in its consume: it wakes as records arrive. With
+            # several, none may: an idle one would hold up the others' batches.
+            timeout = POLL_S if len(consumers) == 1 else 0.0
+            for consumer in consumers:
                 # As a Celery task does: the deployment's tenant scopes every query.
                 with tenant_context(consumer.deployed.tenant):
                     taken += consumer.poll(timeout)
-            if not self.consumers:
+            if not consumers:
                 time.sleep(POLL_S)
+            elif taken == 0 and len(consumers) > 1:
+                time.sleep(IDLE_S)
             return taken
         except DatabaseError as exc:
             # PostgreSQL restarted or the connection broke: nothing was committed for the
