@@ -3,6 +3,7 @@ string (both are valid in Python strings and reach it through JSON's \\u escapes
 payload with one must be refused with a clear error before it reaches a write, where it
 would fail the whole statement (a batch of events, a COPY)."""
 
+import json
 import re
 from typing import Any
 
@@ -11,17 +12,61 @@ _UNSTORABLE = re.compile("[\\x00\\ud800-\\udfff]")
 _ESCAPED = re.compile(rb"\\u(0000|[dD][89a-fA-F])")
 
 PROBLEM = "contains a NUL character or a lone surrogate (\\u0000, \\ud800), which cannot be stored"
+# Deeper payloads are refused: encoding one again (a JSON column, a Kafka sink) would hit
+# Python's recursion limit in the middle of a write.
+MAX_DEPTH = 100
+TOO_DEEP = f"is nested more than {MAX_DEPTH} levels deep"
 
 
 def unstorable(value: Any) -> bool:
-    """Whether a string anywhere in `value` (keys included) holds what jsonb refuses."""
-    if isinstance(value, str):
-        return _UNSTORABLE.search(value) is not None
-    if isinstance(value, dict):
-        return any(unstorable(k) or unstorable(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(unstorable(item) for item in value)
+    """Whether a string anywhere in `value` (keys included) holds what jsonb refuses.
+    A loop, not recursion: a payload may nest as deep as the JSON parser allows."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE.search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            pending += item.keys()
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
     return False
+
+
+def too_deep(value: Any, raw: bytes | None = None) -> bool:
+    """Whether `value` nests objects and arrays more than MAX_DEPTH levels; with its raw
+    JSON, a count of brackets answers most payloads without walking them."""
+    if raw is not None and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return False
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending += [(child, depth + 1) for child in children]
+    return False
+
+
+def loads(raw: bytes | str) -> Any:
+    """JSON as PostgreSQL and every JSON encoder take it back: NaN, Infinity and numbers
+    beyond a float's range (1e400) raise ValueError, as malformed JSON does; nesting deeper
+    than Python's parser goes raises RecursionError."""
+    return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def unstorable_json(raw: bytes, parsed: Any) -> bool:

@@ -46,6 +46,8 @@ def check_input(version: GraphVersion, payload: Any) -> dict[str, Any]:
     size = len(json.dumps(payload).encode())
     if size > MAX_INPUT_BYTES:
         raise InvalidInput(f"input is {size} bytes; the limit is {MAX_INPUT_BYTES} bytes")
+    if storable.too_deep(payload):
+        raise InvalidInput(f"input {storable.TOO_DEEP}")
     if storable.unstorable(payload):
         raise InvalidInput(f"input {storable.PROBLEM}")
     validator = input_validator(version.pk)

@@ -262,7 +262,7 @@ class DeploymentConsumer:
             record = Record(origin, payload, event_key, event_time, raw)
             batch.outcomes.append(self.segment.run(record))
             batch.offsets.append(int(message.offset() or 0))
-        except (PermanentError, SegmentError) as exc:
+        except (PermanentError, SegmentError, RecursionError) as exc:
             batch.dead.append(
                 DeadRecord(
                     error=str(exc),

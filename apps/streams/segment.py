@@ -127,7 +127,10 @@ class Segment:
     def check_input(self, payload: JSON) -> None:
         if self.input_validator is None:
             return
-        error = best_match(self.input_validator.iter_errors(payload))
+        try:
+            error = best_match(self.input_validator.iter_errors(payload))
+        except RecursionError:
+            raise PermanentError("input schema: the payload is nested too deeply") from None
         if error is not None:
             where = ".".join(str(part) for part in error.absolute_path) or "the payload"
             raise PermanentError(f"input schema: {where}: {error.message}")

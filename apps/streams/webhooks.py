@@ -210,13 +210,9 @@ def _segment(deployment: Deployment) -> Segment:
     return Segment(deployment.version.spec, scope=deployment.id.hex[:12])
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _payload(body: bytes) -> JSON:
     try:
-        payload = json.loads(body, parse_constant=_refuse_constant)
+        payload = storable.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise Refused(400, "not_json", "Bad request", f"The body is not JSON: {exc}.") from None
     if not isinstance(payload, dict):
@@ -226,6 +222,8 @@ def _payload(body: bytes) -> JSON:
             "Bad request",
             f"The body must be a JSON object, got {type(payload).__name__}.",
         )
+    if storable.too_deep(payload, body):
+        raise Refused(422, "too_deep", "Invalid input", f"The body {storable.TOO_DEEP}.")
     if storable.unstorable(payload):
         raise Refused(
             422, "unstorable", "Invalid input", f"The body {storable.PROBLEM}; remove it."

@@ -166,6 +166,10 @@ BAD_REQUESTS: list[tuple[bytes, str | None, int, str]] = [
     (b'["o1"]', "sign", 400, "not_object"),
     (b'{"amount": 3}', "sign", 422, "invalid"),  # the input schema requires id
     (b'{"id": "o\\u0000"}', "sign", 422, "unstorable"),  # jsonb holds no NUL
+    (b'{"id": "\\udc00"}', "sign", 422, "unstorable"),  # nor a lone surrogate
+    (b'{"id": 1e400}', "sign", 400, "not_json"),  # beyond a float
+    # Parsed, but too deep to encode again into a JSON column.
+    (b'{"id": "o", "x": ' + b"[" * 900 + b"]" * 900 + b"}", "sign", 422, "too_deep"),
     (b'{"id": "' + b"x" * 1_000_001 + b'"}', "sign", 413, "too_large"),
 ]
 

@@ -83,11 +83,13 @@ class KafkaSource(StreamSource):
         if len(value) > MAX_RECORD_BYTES:
             raise PermanentError(f"the record is {len(value)} bytes; the limit is 1 MB")
         try:
-            payload = json.loads(value, parse_constant=_refuse_constant, parse_float=_finite)
-        except (UnicodeDecodeError, ValueError) as exc:
+            payload = storable.loads(value)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise PermanentError(f"the value is not JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise PermanentError(f"the value must be a JSON object, got {type(payload).__name__}")
+        if storable.too_deep(payload, value):
+            raise PermanentError(f"the value {storable.TOO_DEEP}")
         if unstorable_json(value, payload):
             raise PermanentError(f"the value {storable.PROBLEM}")
         event_key = key.decode("utf-8", "replace").replace("\x00", "")[:200] if key else ""
@@ -202,19 +204,6 @@ class KafkaSink(Operator):
         request = {"topic": topic, "key": key.decode() if key else None, "bytes": len(value)}
         produced = ctx.perform_effect("produce", request, produce)
         return StepResult(outputs=[Output({**payload, "produced": produced})])
-
-
-def _finite(text: str) -> float:
-    # 1e400 reads as infinity, which no JSON encoder or jsonb column takes back.
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-def _refuse_constant(name: str) -> Any:
-    # Python's json reads NaN and Infinity; JSON and PostgreSQL do not.
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def _text(value: Any) -> str:
