@@ -76,10 +76,12 @@ class KafkaWorkers:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # A replacement keeps the name, as a supervisor restarting it would: it takes the
+        # partitions back at once (static membership).
         self.count += 1
-        name = f"kafka-{self.count}"
-        log = self.root / f"{name}.log"
-        argv = [*processes.kafka_worker_argv(), "--name", name]
+        name = "kafka-bench"
+        log = self.root / f"kafka-{self.count}.log"
+        argv = processes.kafka_worker_argv(name)
         self.proc = processes.spawn(argv, env=dict(os.environ), log_path=log)
         deadline = time.monotonic() + 60
         while f"kafka worker {name}: started" not in (log.read_text() if log.exists() else ""):

@@ -11,6 +11,7 @@ No Django imports: Django runs in the children, configured by the environment bu
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -222,7 +223,7 @@ def _start_children(launch: _Launch, env: dict[str, str], port: int, log_dir: Pa
         "beat": processes.beat_argv(launch.var_dir / "celerybeat-schedule"),
     }
     if launch.kafka_on:
-        commands["kafka-worker"] = processes.kafka_worker_argv()
+        commands["kafka-worker"] = processes.kafka_worker_argv(f"kafka@{socket.gethostname()}")
     for name, argv in commands.items():
         log_path = log_dir / f"{name}.log"
         proc = processes.spawn(argv, env=env, log_path=log_path)

@@ -51,9 +51,12 @@ def beat_argv(schedule_file: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def kafka_worker_argv() -> list[str]:
-    """Consumes the Kafka topics of stream deployments (apps/streams' kafka_worker command)."""
-    return [sys.executable, str(BASE_DIR / "manage.py"), "kafka_worker"]
+def kafka_worker_argv(name: str | None = None) -> list[str]:
+    """Consumes the Kafka topics of stream deployments (apps/streams' kafka_worker command).
+    A `name` of its own, kept across restarts, gets a restarted worker its partitions back at
+    once."""
+    argv = [sys.executable, str(BASE_DIR / "manage.py"), "kafka_worker"]
+    return [*argv, "--name", name] if name else argv
 
 
 def manage_argv(*args: str) -> list[str]:

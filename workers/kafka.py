@@ -63,10 +63,16 @@ def spec_topics(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
     return named
 
 
-def consumer(group_id: str, **overrides: Any) -> Consumer:
+def consumer(group_id: str, *, member: str | None = None, **overrides: Any) -> Consumer:
     """A consumer that never commits by itself: the offsets that count live in PostgreSQL,
-    and Kafka is told afterwards, only so that lag tools see progress."""
+    and Kafka is told afterwards, only so that lag tools see progress.
+
+    `member` makes it a static member of the group (KIP-345): a process restarted under the
+    same name gets its partitions back at once, instead of after the session timeout and a
+    rebalance. Two live consumers must never share one."""
+    static = {"group.instance.id": member} if member else {}
     config = {
+        **static,
         "bootstrap.servers": bootstrap_servers(),
         "group.id": group_id,
         "enable.auto.commit": False,

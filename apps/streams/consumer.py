@@ -104,7 +104,7 @@ class DeploymentConsumer:
     """One deployment's consumer in this worker, bound to the version it was started with
     (a redeploy replaces it)."""
 
-    def __init__(self, deployed: Deployed, client_id: str) -> None:
+    def __init__(self, deployed: Deployed, client_id: str, *, static: bool = False) -> None:
         self.deployed = deployed
         self.binding = Binding(deployed.id, deployed.tenant_id, deployed.version_id, deployed.run)
         self.segment = Segment(deployed.spec, scope=deployed.id.hex[:12])
@@ -116,7 +116,9 @@ class DeploymentConsumer:
         self.paused = False
         self.idle_since = time.monotonic()
         self.marks_at = 0.0
-        self.consumer: Consumer = kafka.consumer(deployed.group_id, **{"client.id": client_id})
+        self.consumer: Consumer = kafka.consumer(
+            deployed.group_id, member=client_id if static else None, **{"client.id": client_id}
+        )
         self.consumer.subscribe(
             list(self.config["topics"]),
             on_assign=self._on_assign,
@@ -343,8 +345,11 @@ class DeploymentConsumer:
 class KafkaWorker:
     """The loop `manage.py kafka_worker` runs until `stop` is called (SIGTERM)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, static: bool = False) -> None:
+        # static: `name` is this worker's own for good (a supervisor restarts it under the
+        # same one), so its consumers are static members of their groups.
         self.name = name
+        self.static = static
         self.consumers: dict[UUID, DeploymentConsumer] = {}
         self.stopping = False
         self.reconciled_at = 0.0
@@ -407,7 +412,9 @@ class KafkaWorker:
                 consumer.apply_status(current.status)
         for deployment_id, deployed in active.items():
             if deployment_id not in self.consumers:
-                self.consumers[deployment_id] = DeploymentConsumer(deployed, self.name)
+                self.consumers[deployment_id] = DeploymentConsumer(
+                    deployed, self.name, static=self.static
+                )
         self.reconciled_at = time.monotonic()
 
 

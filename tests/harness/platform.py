@@ -51,18 +51,21 @@ class Platform:
         return proc
 
     def start_kafka_worker(
-        self, name: str = "kafka", *, env: dict[str, str] | None = None
+        self, name: str = "kafka", *, member: str | None = None, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        """The Kafka worker `make run` runs (`manage.py kafka_worker`), once it is looping."""
+        """The Kafka worker `make run` runs (`manage.py kafka_worker`), once it is looping.
+        `member`: the worker's name in its groups, when a replacement is to take over a
+        killed worker's (else its own)."""
         path = self.log_path(name)
-        argv = [*processes.kafka_worker_argv(), "--name", f"{name}@{self.label}"]
+        member = member or f"{name}@{self.label}"
+        argv = processes.kafka_worker_argv(member)
         proc = processes.spawn(argv, env=self.env(**(env or {})), log_path=path)
         self.procs.append(proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"kafka worker {name} exited; see {path}")
-            if path.exists() and f"kafka worker {name}@{self.label}: started" in path.read_text():
+            if path.exists() and f"kafka worker {member}: started" in path.read_text():
                 return proc
             time.sleep(0.1)
         raise RuntimeError(f"kafka worker {name} not started after 60 s; see {path}")

@@ -150,7 +150,8 @@ def test_records_flow_through_the_segment_and_steps_exactly_once(
     for kill in range(5):
         time.sleep(random.uniform(0.2, 1.2))
         stream_platform.kill(kafka_a)
-        kafka_a = stream_platform.start_kafka_worker(f"kafka-a{kill}")
+        # Restarted under its name, as a supervisor would: it takes its partitions back.
+        kafka_a = stream_platform.start_kafka_worker(f"kafka-a{kill}", member="kafka-a@streams")
         if kill == 1:
             stream_platform.kill(cpu)
             cpu = stream_platform.start_worker(

@@ -18,12 +18,19 @@ class Command(BaseCommand):
     help = "Consume stream deployments' Kafka topics and run their stream segments."
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--name", default=f"kafka@{socket.gethostname()}.{os.getpid()}")
+        parser.add_argument(
+            "--name",
+            help="this worker's name for good, unique among the running workers: restarted"
+            " under it, the worker takes its partitions back at once (static membership)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         kafka.bootstrap_servers()  # fail at start, naming the setting, when Kafka is off
-        worker = KafkaWorker(options["name"])
+        name = options["name"]
+        worker = KafkaWorker(
+            name or f"kafka@{socket.gethostname()}.{os.getpid()}", static=bool(name)
+        )
 
         def stop(signum: int, _frame: FrameType | None) -> None:
             worker.stop()
