@@ -114,6 +114,7 @@ class DeploymentConsumer:
         # each committed batch.
         self.positions: dict[tuple[str, int], int] = {}
         self.paused = False
+        self.busy = False  # the last poll took records
         self.idle_since = time.monotonic()
         self.marks_at = 0.0
         self.consumer: Consumer = kafka.consumer(
@@ -208,6 +209,7 @@ class DeploymentConsumer:
             for tp, msgs in by_partition.items()
             if tp in self.positions and (batch := self._batch(tp, msgs)) is not None
         ]
+        self.busy = bool(batches)
         if not batches:
             self._when_idle()
             return 0
@@ -324,13 +326,10 @@ class DeploymentConsumer:
         if now - self.marks_at < IDLE_MARKS_S or not self.positions:
             return
         self.marks_at = now
-        marks = {}
-        for tp in self.positions:
-            try:
-                _low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=2)
-            except KafkaException:
-                return
-            marks[tp] = int(high)
+        # As the last fetch response said: asking the broker takes up to its fetch wait
+        # (0.5 s) per partition, a stall for every deployment in this worker's loop. A
+        # paused partition is not fetched, so its end is as of the pause.
+        marks = {tp: high for tp in self.positions if (high := self._cached_high(tp)) > 0}
         note_high_watermarks(self.binding, marks)
         if self.deployed.status == DeploymentStatus.DRAINING:
             finish_drain(self.binding.deployment_id, self.binding.tenant_id)
@@ -375,13 +374,13 @@ class KafkaWorker:
                 self.reconcile()
             taken = 0
             consumers = list(self.consumers.values())
-            # One deployment may wait in its consume: it wakes as records arrive. With
-            # several, none may: an idle one would hold up the others' batches.
-            timeout = POLL_S if len(consumers) == 1 else 0.0
             for consumer in consumers:
+                # A busy deployment (or the only one) may wait in its consume to fill a batch;
+                # an idle one may not, or it would hold up the others' batches each turn.
+                waits = consumer.busy or len(consumers) == 1
                 # As a Celery task does: the deployment's tenant scopes every query.
                 with tenant_context(consumer.deployed.tenant):
-                    taken += consumer.poll(timeout)
+                    taken += consumer.poll(POLL_S if waits else 0.0)
             if not consumers:
                 time.sleep(POLL_S)
             elif taken == 0 and len(consumers) > 1:
