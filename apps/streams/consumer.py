@@ -115,7 +115,6 @@ class DeploymentConsumer:
         self.positions: dict[tuple[str, int], int] = {}
         self.paused = False
         self.busy = False  # the last poll took records
-        self.idle_since = time.monotonic()
         self.marks_at = 0.0
         self.consumer: Consumer = kafka.consumer(
             deployed.group_id, member=client_id if static else None, **{"client.id": client_id}
@@ -213,7 +212,6 @@ class DeploymentConsumer:
         if not batches:
             self._when_idle()
             return 0
-        self.idle_since = time.monotonic()
         try:
             # Sent now, acknowledged by the time the transaction commits (its last act).
             deliveries = send_produced([o for batch in batches for o in batch.outcomes])
