@@ -69,12 +69,14 @@ def deploy(*, graph: StreamGraph, version: GraphVersion, actor: Actor) -> Deploy
     kind = check_deployable(version, tenant.slug)
     with transaction.atomic(durable=True):
         deployment = Deployment.objects.select_for_update().filter(graph=graph).first()
-        if deployment is not None and deployment.source_kind != kind:
-            raise DeploymentRefused(
-                f"this graph's deployment reads from {deployment.source_kind}; version"
-                f" {version.number} reads from {kind}: drain it, then deploy the new version"
-            )
         active = deployment is not None and deployment.status != DeploymentStatus.STOPPED
+        if deployment is not None and deployment.source_kind != kind:
+            if active:
+                raise DeploymentRefused(
+                    f"this graph's deployment reads from {deployment.source_kind}; version"
+                    f" {version.number} reads from {kind}: drain it, then deploy the new version"
+                )
+            _change_source(deployment, kind)
         if deployment is not None and active and deployment.version_id == version.pk:
             return deployment  # already there
         run = _open_run(version, actor)
@@ -99,10 +101,22 @@ def deploy(*, graph: StreamGraph, version: GraphVersion, actor: Actor) -> Deploy
         if not active:
             deployment.status = DeploymentStatus.RUNNING
             _skip_missed_ticks(deployment)
-        deployment.save(update_fields=["version", "run", "status", "last_tick_at", "updated_at"])
+        deployment.save(
+            update_fields=[
+                "version", "run", "status", "last_tick_at", "source_kind", "webhook_secret",
+                "updated_at",
+            ]
+        )  # fmt: skip
         after = {"version": version.number, "status": deployment.status}
         _audit(deployment, actor, "deployment.redeploy", before, after)
     return deployment
+
+
+def _change_source(deployment: Deployment, kind: str) -> None:
+    """A stopped deployment deployed again with another kind of source."""
+    deployment.source_kind = kind
+    if kind == SourceKind.WEBHOOK and not deployment.webhook_secret:
+        deployment.webhook_secret = encrypt(new_webhook_secret())
 
 
 def new_webhook_secret() -> str:

@@ -520,6 +520,18 @@ def test_a_refused_deploy_is_a_message_on_the_graph_page(
     assert not Deployment.unscoped_all_tenants.exists()
 
 
+def test_a_stopped_deployment_may_take_another_kind_of_source(world: World) -> None:
+    deployment = deployed(world, "switching", webhook_spec())
+    graph = deployment.graph
+    with tenant_context(world.acme):
+        version_2 = add_version(graph=graph, spec=SCHEDULE_SPEC, actor=world.owner)
+        with pytest.raises(services.DeploymentRefused, match="drain it, then deploy"):
+            services.deploy(graph=graph, version=version_2, actor=world.owner)
+        services.drain(deployment, actor=world.owner)  # a webhook stops at once
+        moved = services.deploy(graph=graph, version=version_2, actor=world.owner)
+    assert (moved.pk, moved.source_kind, moved.status) == (deployment.pk, "schedule", "running")
+
+
 def test_an_owner_sees_and_rotates_the_webhook_secret_others_cannot(world: World) -> None:
     deployment = deployed(world, "hooked", webhook_spec())
     with tenant_context(world.acme):
