@@ -242,6 +242,10 @@ def run_ours(
     return result
 
 
+def _median(results: list[dict[str, Any]], key: str) -> float:
+    return round(statistics.median(result[key] or 0 for result in results), 1)
+
+
 def main(*, quick: bool) -> int:
     count, rounds = (5000, 1) if quick else (30000, 2)
     if not kafka_broker.java_available():
@@ -271,10 +275,10 @@ def main(*, quick: bool) -> int:
         "events_per_s": round(ours_eps),
         "floor_events_per_s": round(floor_eps),
         "ratio_vs_floor": round(ours_eps / floor_eps, 3),
-        "latency_ms_p50": round(statistics.median(o["latency_ms_p50"] or 0 for o in ours), 1),
-        "latency_ms_p99": round(statistics.median(o["latency_ms_p99"] or 0 for o in ours), 1),
-        "floor_latency_ms_p50": round(statistics.median(f["latency_ms_p50"] or 0 for f in floors), 1),
-        "floor_latency_ms_p99": round(statistics.median(f["latency_ms_p99"] or 0 for f in floors), 1),
+        "latency_ms_p50": _median(ours, "latency_ms_p50"),
+        "latency_ms_p99": _median(ours, "latency_ms_p99"),
+        "floor_latency_ms_p50": _median(floors, "latency_ms_p50"),
+        "floor_latency_ms_p99": _median(floors, "latency_ms_p99"),
         "lost": sum(count - o["outputs"] for o in ours),
         "duplicates": sum(o["duplicates"] for o in ours),
         "floor_lost": sum(count - f["outputs"] for f in floors),
