@@ -186,6 +186,12 @@ SLUICE_FEED_WINDOW = env_int("SLUICE_FEED_WINDOW", 512, minimum=8)
 SLUICE_SSE_HEARTBEAT_S = env_float("SLUICE_SSE_HEARTBEAT_S", 15.0, minimum=0.1)
 SLUICE_VIEWER_GRACE_S = env_float("SLUICE_VIEWER_GRACE_S", 15.0, minimum=0.0)
 
+# The test harness sets this: every test's fixture users are hashed with a hasher that costs
+# microseconds instead of PBKDF2's deliberate half second (five users a test, across the
+# suite, was minutes). Never for a real installation: the value says so.
+if env_str("SLUICE_PASSWORD_HASHING", "") == "insecure-fast-for-tests":
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},

@@ -1,10 +1,12 @@
 import os
 import shutil
+import time
 from collections.abc import Iterator
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
+from django.test import TransactionTestCase
 
 from apps.graphs.models import StreamGraph
 from apps.graphs.services import create_graph
@@ -15,6 +17,26 @@ from apps.tenants.services import add_member, create_tenant
 from tests.harness.platform import LOG_DIR, Platform
 from tests.harness.plugin import KafkaUnavailable, wait_for_kafka
 from workers.queues import CPU_WORKER_QUEUES
+
+_flush_tables = TransactionTestCase._fixture_teardown  # type: ignore[attr-defined]
+
+
+def _flush_tables_again_after_a_deadlock(self: TransactionTestCase) -> None:
+    """A transactional test ends by truncating every table. A worker process may still be
+    writing then (its live feed archives a finished run's last frames a moment later), and
+    an insert's foreign-key lock against TRUNCATE's can deadlock, PostgreSQL choosing the
+    TRUNCATE to fail; the writer is done a moment later, so try again."""
+    for attempt in range(3):
+        try:
+            _flush_tables(self)
+            return
+        except Exception as exc:
+            if attempt == 2 or "deadlock detected" not in repr(exc.__cause__ or exc):
+                raise
+            time.sleep(0.5)
+
+
+TransactionTestCase._fixture_teardown = _flush_tables_again_after_a_deadlock  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -28,6 +28,9 @@ TEST_ENV = {
     "SLUICE_REQUEUE_AFTER_S": "5",
     "SLUICE_SIM_TTFT_MS": "20",
     "SLUICE_SIM_TOKENS_PER_S": "400",
+    # Fixture users hashed in microseconds (sluice/settings.py); servers and workers the
+    # tests start inherit it, so a browser test still signs in.
+    "SLUICE_PASSWORD_HASHING": "insecure-fast-for-tests",
 }
 
 KAFKA_STOP_TIMEOUT_S = 60.0
