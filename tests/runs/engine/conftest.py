@@ -1,5 +1,4 @@
 from collections.abc import Iterator
-from typing import Any
 from unittest import mock
 
 import pytest
@@ -36,9 +35,3 @@ def _feed_off() -> Iterator[None]:
     connection, which cannot see a test transaction's rows (and may outlive the test)."""
     with mock.patch.object(FEED, "put"):
         yield
-
-
-@pytest.fixture(autouse=True)
-def _fast_passwords(settings: Any) -> None:
-    """The world's five users are hashed with the cheapest hasher: these tests never log in."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
