@@ -8,7 +8,6 @@ No Django imports: this runs before settings load.
 """
 
 import atexit
-import contextlib
 import importlib.util
 import os
 import signal
@@ -26,7 +25,7 @@ from sluice.embedded_paths import (
     postgres_socket_dir,
     postmaster_pid_lines,
 )
-from sluice.processes import die_with_parent, process_alive
+from sluice.processes import die_with_parent, process_alive, signal_pid, terminate_pid, wait_gone
 
 with warnings.catch_warnings():
     # pgserver asks platformdirs for a runtime dir at import; without XDG_RUNTIME_DIR
@@ -105,10 +104,10 @@ def stop_postgres(data_dir: Path) -> None:
     try:
         _pg_ctl(data_dir, "-m", "fast", "-w", "-t", str(int(STOP_TIMEOUT_S)), "stop")
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        _signal(pid, signal.SIGINT)  # what pg_ctl -m fast sends
-    if not _wait_gone(pid, STOP_TIMEOUT_S):
-        _signal(pid, signal.SIGQUIT)  # immediate shutdown: recovery runs at next start
-        _wait_gone(pid, 5)
+        signal_pid(pid, signal.SIGINT)  # what pg_ctl -m fast sends
+    if not wait_gone(pid, STOP_TIMEOUT_S):
+        signal_pid(pid, signal.SIGQUIT)  # immediate shutdown: recovery runs at next start
+        wait_gone(pid, 5)
 
 
 def postgres_running(data_dir: Path) -> bool:
@@ -243,10 +242,7 @@ def _stop_leftover_redis(pid_file: Path) -> None:
     except (FileNotFoundError, ValueError):
         return
     if _is_redis(pid):
-        _signal(pid, signal.SIGTERM)
-        if not _wait_gone(pid, STOP_TIMEOUT_S):
-            _signal(pid, signal.SIGKILL)
-            _wait_gone(pid, 5)
+        terminate_pid(pid, STOP_TIMEOUT_S)
     pid_file.unlink(missing_ok=True)
 
 
@@ -285,25 +281,6 @@ def _answers_ping(client: redis.Redis) -> bool:
 
 
 # --- Processes --------------------------------------------------------------------------
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    """Wait until pid has exited; reap it if it is our child (a subreaper adopts the
-    postmaster). True if it is gone."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        if not process_alive(pid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

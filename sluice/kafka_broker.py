@@ -13,7 +13,6 @@ import fcntl
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from sluice.embedded_paths import var_dir
-from sluice.processes import die_with_parent, process_alive
+from sluice.processes import die_with_parent, process_alive, terminate_pid
 
 KAFKA_VERSION = "4.4.0"
 # The broker (Scala 2.13 build), the storage tool, and the SLF4J 1.7 binding to Log4j 2,
@@ -396,10 +395,7 @@ def _stop_leftover_broker(pid_file: Path) -> None:
     except (FileNotFoundError, ValueError):
         return
     if _is_broker(pid, pid_file.parent):
-        _signal(pid, signal.SIGTERM)
-        if not _wait_gone(pid, STOP_TIMEOUT_S):
-            _signal(pid, signal.SIGKILL)
-            _wait_gone(pid, 5)
+        terminate_pid(pid, STOP_TIMEOUT_S)
     pid_file.unlink(missing_ok=True)
 
 
@@ -410,23 +406,6 @@ def _is_broker(pid: int, work_dir: Path) -> bool:
         return False
     ours = str(work_dir / "server.properties").encode()
     return b"kafka.Kafka" in cmdline and ours in cmdline and process_alive(pid)
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        if not process_alive(pid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

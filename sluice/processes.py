@@ -142,6 +142,33 @@ def _wait_groups_gone(
         time.sleep(0.05)
 
 
+def signal_pid(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until pid has exited; reap it if it is our child (a subreaper adopts the
+    postmaster). True if it is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not process_alive(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def terminate_pid(pid: int, timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `timeout` (a leftover server)."""
+    signal_pid(pid, signal.SIGTERM)
+    if not wait_gone(pid, timeout):
+        signal_pid(pid, signal.SIGKILL)
+        wait_gone(pid, 5)
+
+
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)

@@ -63,6 +63,15 @@ def spec_topics(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
     return named
 
 
+def spec_topic_problems(spec: dict[str, Any], tenant_slug: str) -> list[tuple[str, str, str]]:
+    """(node id, config field, why) for every topic the spec names that the tenant may not."""
+    return [
+        (node_id, field, problem)
+        for node_id, field, topic in spec_topics(spec)
+        if (problem := topic_problem(topic, tenant_slug)) is not None
+    ]
+
+
 def consumer(group_id: str, *, member: str | None = None, **overrides: Any) -> Consumer:
     """A consumer that never commits by itself: the offsets that count live in PostgreSQL,
     and Kafka is told afterwards, only so that lag tools see progress.

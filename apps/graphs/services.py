@@ -118,8 +118,7 @@ def _check_topics(spec: dict[str, Any], tenant_slug: str) -> None:
     """A graph may name only its own tenant's Kafka topics (DESIGN "Partitioning")."""
     errors = [
         SpecError(f"node '{node_id}'", f"config.{field}", problem)
-        for node_id, field, topic in kafka.spec_topics(spec)
-        if (problem := kafka.topic_problem(topic, tenant_slug)) is not None
+        for node_id, field, problem in kafka.spec_topic_problems(spec, tenant_slug)
     ]
     if errors:
         raise SpecInvalid(errors)

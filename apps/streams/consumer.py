@@ -188,7 +188,7 @@ class DeploymentConsumer:
             self.seek_to_held()  # records fetched before the pause were never taken
             self.consumer.resume(self.consumer.assignment())
         self.paused = paused
-        self.deployed = Deployed(**{**self.deployed.__dict__, "status": status})
+        self.deployed = replace(self.deployed, status=status)
 
     # -- batches -----------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from uuid import UUID
 
 from django.db import transaction
 
-from apps.audit.services import record
+from apps.audit.services import Actor, record
 from apps.runs import engine
 from apps.streams.models import Deployment, DeploymentStatus, PartitionOffset
 
@@ -29,7 +29,7 @@ def finish_drain(deployment_id: UUID, tenant_id: int) -> bool:
     return True
 
 
-def stop_deployment(deployment: Deployment, *, actor: object, action: str) -> None:
+def stop_deployment(deployment: Deployment, *, actor: Actor, action: str) -> None:
     """Stopped: no more records are taken, and the stream run finishes once its steps
     settle. In the caller's transaction, with the deployment's row locked."""
     before = deployment.status
@@ -38,7 +38,7 @@ def stop_deployment(deployment: Deployment, *, actor: object, action: str) -> No
     release_run(deployment)
     record(
         tenant=deployment.tenant,
-        actor=actor,  # type: ignore[arg-type]
+        actor=actor,
         action=action,
         target_type="deployment",
         target_id=deployment.id,

@@ -54,8 +54,7 @@ def topic_problems(spec: dict[str, Any], tenant_slug: str) -> list[str]:
     """Every Kafka topic the spec names that this tenant may not use, with its node."""
     return [
         f"node '{node_id}': {problem}"
-        for node_id, _field, topic in kafka.spec_topics(spec)
-        if (problem := kafka.topic_problem(topic, tenant_slug)) is not None
+        for node_id, _field, problem in kafka.spec_topic_problems(spec, tenant_slug)
     ]
 
 
