@@ -424,3 +424,33 @@ def test_the_schema_documents_the_deployment_endpoints(db: None) -> None:
     ):
         assert documented in paths, documented
     assert "409" in paths["/api/deployments/{deployment_id}/pause/"]["post"]["responses"]
+
+
+BAD_BODIES = [
+    b"{",
+    b"[" * 100_000 + b"]" * 100_000,  # past Python's JSON parser
+    b'{"graph": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"graph": "' + b"y" * 2_000_000 + b'"}',
+    b'{"version": {"a": 1}}',
+    b'{"version": 1e400}',
+    b'{"version": NaN}',
+    b'"a string"',
+    b"\xff\xfe",
+]
+
+
+def test_malformed_huge_and_deep_bodies_are_refused_never_a_500(world: World) -> None:
+    deployment = deployed(world, "hooked", webhook_spec())
+    client = api(world)
+    # Deploy and redeploy read a body: refused. Pause and replay read none: they may act.
+    reads_body = {"/api/deployments/": True, path(deployment, "redeploy/"): True}
+    targets = [*reads_body, path(deployment, "pause/"), path(deployment, "dead-letters/5/replay/")]
+    for target in targets:
+        for raw in BAD_BODIES:
+            response = client.client.post(
+                target, raw, content_type="application/json", headers=client.headers
+            )
+            case = f"{target} {raw[:30]!r}: {response.content[:200]!r}"
+            assert response.status_code < 500, case
+            if target in reads_body:
+                assert 400 <= response.status_code < 500, case

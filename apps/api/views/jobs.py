@@ -12,7 +12,7 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
-from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -23,7 +23,7 @@ from apps.api.jobs import JobRequest, failed_items, progress, submit_job
 from apps.api.measured import actual_for_run, step_totals
 from apps.api.models import BatchJob
 from apps.api.pagination import PAGE_PARAMETERS, cursor_page, page_of, paginated
-from apps.api.parsers import JSON_LINES, JsonLinesParser, parse_lines
+from apps.api.parsers import JSON_LINES, JsonLinesParser, JSONParser, parse_lines
 from apps.api.views.graphs import MAX_NUMBER, ProfileSerializer, profile_from, valid
 from apps.api.views.runs import (
     NodeCountsSerializer,
