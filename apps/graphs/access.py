@@ -3,12 +3,15 @@
 from functools import lru_cache
 from typing import Any
 
+from django.http import Http404
 from django.shortcuts import get_object_or_404
 
 from apps.graphs.models import GraphVersion, StreamGraph
 
 
 def graph_by_slug(slug: str) -> StreamGraph:
+    if "\x00" in slug:  # from a form, not a URL: no graph has it, and PostgreSQL refuses it
+        raise Http404("no such graph")
     return get_object_or_404(StreamGraph.objects.select_related("deployed_version"), slug=slug)
 
 

@@ -413,6 +413,23 @@ def test_actions_need_post_and_a_csrf_token(world: World) -> None:
     assert status_of(deployment) == DeploymentStatus.RUNNING
 
 
+@pytest.mark.parametrize("version", ["abc", "9" * 5000, "1" * 20, "-1", "\u00b2", ""])
+def test_a_bad_version_to_redeploy_is_a_message(world: World, version: str) -> None:
+    deployment = deployed(world, "hooked", webhook_spec())
+    response = signed_in(world, "owner").post(
+        url("redeploy", deployment), {"version": version}, follow=True
+    )
+    assert response.status_code == 200
+    assert "Not done: choose one of the graph" in body(response)
+    assert status_of(deployment) == "running"
+
+
+@pytest.mark.parametrize("graph", ["", "x" * 5000, "\x00", "no-such-graph"])
+def test_deploying_a_graph_that_is_not_there_is_a_404(world: World, graph: str) -> None:
+    response = signed_in(world, "owner").post(reverse("streams:deploy"), {"graph": graph})
+    assert response.status_code == 404
+
+
 def test_redeploy_moves_the_deployment_to_another_version(world: World) -> None:
     deployment = deployed(world, "hooked", webhook_spec())
     with tenant_context(world.acme):

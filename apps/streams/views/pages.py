@@ -157,7 +157,9 @@ def drain_view(request: HttpRequest, deployment_id: UUID) -> HttpResponse:
 def redeploy_view(request: HttpRequest, deployment_id: UUID) -> HttpResponse:
     def act(deployment: Deployment) -> str:
         raw = request.POST.get("version", "")
-        version = versions_of(deployment).filter(number=int(raw)).first() if raw.isdigit() else None
+        # Digits only, ASCII ("²" is a digit to str.isdigit) and few of them.
+        number = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None
+        version = versions_of(deployment).filter(number=number).first() if number else None
         if version is None:
             raise DeploymentRefused("choose one of the graph's versions to deploy")
         if version.pk == deployment.version_id and deployment.status != DeploymentStatus.STOPPED:
