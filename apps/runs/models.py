@@ -296,3 +296,26 @@ class Usage(TenantModel):
 
     class Meta(TenantModel.Meta):
         verbose_name_plural = "usage"
+
+
+class StreamRelay(TenantModel):
+    """The outbox from a stream run's steps back into its stream segment: a step whose output
+    feeds a window or memory node (classify with an LLM, then count per category) writes one
+    row per output in its commit. The deployment's Kafka worker produces it to the
+    deployment's relay topic, keyed by the node's key, and takes it from there like a
+    source record; the transaction that takes it deletes the row, so a copy produced twice
+    is taken once."""
+
+    id = models.BigAutoField(primary_key=True)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="+")
+    node_id = models.CharField(max_length=64)  # the stateful node the event enters at
+    event = models.UUIDField()  # the step's output event
+    key = models.CharField(max_length=200, blank=True)
+    payload = models.JSONField()
+    event_time = models.DateTimeField()
+    # When a worker last produced it to the relay topic (acknowledged); None: not yet.
+    sent_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta(TenantModel.Meta):
+        indexes = [models.Index(fields=["run", "sent_at"], name="relay_unsent")]

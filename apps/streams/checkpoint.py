@@ -23,8 +23,10 @@ from apps.runs.engine import store
 from apps.runs.engine.outbox import StepMessage, hand_off_on_commit
 from apps.runs.engine.settle import new_step
 from apps.runs.models import ResultRow, Run, Step
+from apps.streams import state as partition_state
 from apps.streams.models import DeadLetter, DeploymentStatus
-from apps.streams.segment import Record, RecordOutcome, Segment
+from apps.streams.segment import FiredError, Record, RecordOutcome, Segment
+from apps.streams.state import PartitionState
 from workers import kafka
 from workers.operators.base import JSON
 
@@ -67,6 +69,12 @@ class PartitionBatch:
     offsets: list[int] = field(default_factory=list)  # of the outcomes, in order
     dead: list[DeadRecord] = field(default_factory=list)
     rate: float = 0.0
+    # With stateful nodes: the partition's state after these records (its changes are
+    # written with the offset), and the results of the windows that fired.
+    state: PartitionState | None = None
+    fired: list[RecordOutcome] = field(default_factory=list)
+    # Relayed records taken in this batch: their outbox rows go in the same transaction.
+    relayed: list[int] = field(default_factory=list)
 
 
 def commit_batch(
@@ -86,7 +94,11 @@ def commit_batch(
         _check_binding(binding)
         for batch in batches:
             _move_offset(binding, batch)
-        outcomes = [outcome for batch in batches for outcome in batch.outcomes]
+            if batch.state is not None:
+                partition_state.write(binding.deployment_id, binding.tenant_id, batch.state)
+            if batch.relayed:
+                _take_relayed(binding, batch)
+        outcomes = [o for batch in batches for o in (*batch.outcomes, *batch.fired)]
         dead = [record for batch in batches for record in batch.dead]
         steps = write_outcomes(binding.run, segment, outcomes, dead, binding.deployment_id)
         before_commit()
@@ -105,13 +117,17 @@ def write_outcomes(
     events = SegmentEvents(run)
     steps: list[Step] = []
     rows: list[ResultRow] = []
-    source_node = segment.source["id"]
+    source_node = str(segment.source["id"])
     for outcome in outcomes:
         record = outcome.record
-        source_id = events.add(source_node, "out", record.raw or record.payload, record, None)
+        at = record.at or (source_node, "out")
+        if record.event_id is not None:  # relayed: a step's output, stored already
+            source_id, at = record.event_id, ("", "")
+        else:
+            source_id = events.add(*at, record.raw or record.payload, record, None)
         for exit in outcome.exits:
             event_id = source_id
-            if exit.node_id != source_node:
+            if (exit.node_id, exit.port) != at:
                 event_id = events.add(exit.node_id, exit.port, exit.payload, record, source_id)
             steps += [new_step(run, segment.nodes[t], [event_id], []) for t in exit.targets]
         rows += [
@@ -210,11 +226,15 @@ def _check_binding(binding: Binding) -> None:
 
 
 def _move_offset(binding: Binding, batch: PartitionBatch) -> None:
+    state = batch.state
+    marks = ""
+    if state is not None:  # the watermark and late counts go with the state they made
+        marks = " watermark_ms = %s, late = %s::jsonb,"
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE streams_partitionoffset SET next_offset = %s,"
             " high_watermark = GREATEST(high_watermark, %s), records = records + %s,"
-            " dead_letters = dead_letters + %s, rate = %s, updated_at = now()"
+            f" dead_letters = dead_letters + %s, rate = %s,{marks} updated_at = now()"
             " WHERE deployment_id = %s AND topic = %s AND partition = %s AND next_offset = %s",
             [
                 batch.next_offset,
@@ -222,6 +242,7 @@ def _move_offset(binding: Binding, batch: PartitionBatch) -> None:
                 len(batch.outcomes),
                 len(batch.dead),
                 batch.rate,
+                *([state.watermark_ms, json.dumps(state.late)] if state is not None else []),
                 binding.deployment_id,
                 batch.topic,
                 batch.partition,
@@ -230,6 +251,29 @@ def _move_offset(binding: Binding, batch: PartitionBatch) -> None:
         )
         if cursor.rowcount != 1:
             raise Fenced(f"{batch.topic}:{batch.partition} moved past offset {batch.read_at}")
+
+
+def _take_relayed(binding: Binding, batch: PartitionBatch) -> None:
+    """Relayed records are taken once: their outbox rows go now. (A copy produced again was
+    left out of the batch, its row gone already.)"""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "DELETE FROM runs_streamrelay WHERE tenant_id = %s AND id = ANY(%s)",
+            [binding.tenant_id, batch.relayed],
+        )
+        if cursor.rowcount != len(batch.relayed):
+            raise Fenced(f"{batch.topic}:{batch.partition}: relayed records taken elsewhere")
+
+
+def fired_dead(batch_topic: str, partition: int, failed: FiredError) -> DeadRecord:
+    """A window's result that a node after the window failed on."""
+    return DeadRecord(
+        error=f"window result {failed.origin}: {failed.error}",
+        payload=json.dumps(failed.payload, default=str),
+        key=failed.key,
+        topic=batch_topic,
+        partition=partition,
+    )
 
 
 def _dead_letter(tenant_id: int, deployment_id: UUID, record: DeadRecord) -> DeadLetter:

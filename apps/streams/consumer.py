@@ -32,12 +32,14 @@ from confluent_kafka import (
 from django.db import DatabaseError, DataError, close_old_connections, connection
 
 from apps.runs.models import Run
+from apps.streams import state as partition_state
 from apps.streams.checkpoint import (
     Binding,
     DeadRecord,
     Fenced,
     PartitionBatch,
     commit_batch,
+    fired_dead,
     note_high_watermarks,
     read_offsets,
     send_produced,
@@ -46,6 +48,7 @@ from apps.streams.checkpoint import (
 from apps.streams.drain import finish_drain
 from apps.streams.models import ACTIVE_DEPLOYMENT_STATUSES, Deployment, DeploymentStatus, SourceKind
 from apps.streams.segment import Record, RecordOutcome, Segment, SegmentError
+from apps.streams.state import PartitionState
 from apps.tenants.context import tenant_context
 from apps.tenants.models import Tenant
 from sluice.env import env_float, env_int
@@ -63,6 +66,9 @@ IDLE_MARKS_S = 5.0
 POLL_S = 0.1
 # A turn of several deployments that found nothing waits this long before the next.
 IDLE_S = 0.01
+# How often a partition that took no records checks for windows to fire (its watermark
+# following the wall clock once idle, early results due).
+TICK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,9 @@ class DeploymentConsumer:
         # Where each assigned partition is read from: PostgreSQL's next offset, moved after
         # each committed batch.
         self.positions: dict[tuple[str, int], int] = {}
+        # With windows or memory: each assigned partition's state, as of its position.
+        self.states: dict[tuple[str, int], PartitionState] = {}
+        self.ticked_at: dict[tuple[str, int], float] = {}
         self.paused = False
         self.busy = False  # the last poll took records
         self.marks_at = 0.0
@@ -140,6 +149,7 @@ class DeploymentConsumer:
         for p in partitions:
             p.offset = offsets[(p.topic, p.partition)]
             self.positions[(p.topic, p.partition)] = p.offset
+        self._load_states([(p.topic, p.partition) for p in partitions])
         consumer.assign(partitions)
         if self.paused:
             consumer.pause(partitions)
@@ -148,6 +158,7 @@ class DeploymentConsumer:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for p in partitions:
             self.positions.pop((p.topic, p.partition), None)
+            self.states.pop((p.topic, p.partition), None)
         consumer.unassign()
         log.info("deployment %s: revoked %s", self.deployed.id, _names(partitions))
 
@@ -177,6 +188,13 @@ class DeploymentConsumer:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException as exc:  # not yet fetching: assign's offset still holds
                 log.debug("seek %s:%s: %s", topic, partition, exc)
+        self._load_states(list(self.positions))  # changes of refused batches are gone too
+
+    def _load_states(self, partitions: list[tuple[str, int]]) -> None:
+        if self.segment.stateful and partitions:
+            self.states.update(
+                partition_state.load(self.binding.deployment_id, self.binding.tenant_id, partitions)
+            )
 
     # -- status ------------------------------------------------------------------------
 
@@ -209,6 +227,8 @@ class DeploymentConsumer:
             if tp in self.positions and (batch := self._batch(tp, msgs)) is not None
         ]
         self.busy = bool(batches)
+        if self.states and not self.paused:
+            batches += self._ticks({(b.topic, b.partition) for b in batches})
         if not batches:
             self._when_idle()
             return 0
@@ -229,7 +249,9 @@ class DeploymentConsumer:
                 return 0
         for batch in batches:
             self.positions[(batch.topic, batch.partition)] = batch.next_offset
-        self._tell_kafka(batches)
+            if batch.state is not None:
+                batch.state.committed()
+        self._tell_kafka([b for b in batches if b.next_offset != b.read_at])
         return sum(len(batch.outcomes) + len(batch.dead) for batch in batches)
 
     def _batch(self, tp: tuple[str, int], messages: list[Message]) -> PartitionBatch | None:
@@ -246,13 +268,45 @@ class DeploymentConsumer:
             next_offset=int(messages[-1].offset() or 0) + 1,
             high_watermark=self._cached_high(tp),
         )
+        state = self.states.get(tp)
+        batch.state = state
         for message in messages:
-            self._take(batch, message)
+            self._take(batch, message, state)
+        if state is not None:
+            self._fire(batch, state)
         elapsed = max(time.monotonic() - started, 1e-3)
         batch.rate = len(messages) / elapsed
         return batch
 
-    def _take(self, batch: PartitionBatch, message: Message) -> None:
+    def _fire(self, batch: PartitionBatch, state: PartitionState) -> None:
+        fired, failed = self.segment.fire(state, int(time.time() * 1000))
+        batch.fired += fired
+        batch.dead += [fired_dead(batch.topic, batch.partition, f) for f in failed]
+
+    def _ticks(self, busy: set[tuple[str, int]]) -> list[PartitionBatch]:
+        """For partitions that took nothing now: move an idle one's watermark with the wall
+        clock and fire what closed (or early results due), as a batch of no records."""
+        now = time.monotonic()
+        batches = []
+        for tp, state in self.states.items():
+            if tp in busy or tp not in self.positions:
+                continue
+            last = self.ticked_at.get(tp, state.last_record_at)
+            if now - last < TICK_S:
+                continue
+            self.ticked_at[tp] = now
+            idle_from = state.last_record_at + self.segment.idle_timeout_s
+            if state.watermark_ms is not None and now > idle_from:
+                state.advance(state.watermark_ms + round((now - max(idle_from, last)) * 1000))
+            position = self.positions[tp]
+            batch = PartitionBatch(tp[0], tp[1], position, position, self._cached_high(tp))
+            batch.state = state
+            self._fire(batch, state)
+            if batch.fired or batch.dead or state.dirty:
+                batches.append(batch)
+        return batches
+
+    def _take(self, batch: PartitionBatch, message: Message, state: PartitionState | None) -> None:
         origin = f"{batch.topic}:{batch.partition}:{message.offset()}"
         key = message.key()
         value = message.value()
@@ -262,7 +316,7 @@ class DeploymentConsumer:
             )
             raw = _utf8(value)
             record = Record(origin, payload, event_key, event_time, raw)
-            batch.outcomes.append(self.segment.run(record))
+            batch.outcomes.append(self.segment.run(record, state))
             batch.offsets.append(int(message.offset() or 0))
         except (PermanentError, SegmentError, RecursionError) as exc:
             batch.dead.append(
@@ -281,6 +335,9 @@ class DeploymentConsumer:
         record in its own checkpoint, and one refused alone becomes a dead letter, so the
         partition moves on. (Its Kafka sink records were already sent and acknowledged:
         the dead letter says so.)"""
+        if self.segment.stateful:
+            self._commit_stateful_one_by_one(batches)
+            return
         for batch in batches:
             items: list[tuple[int, RecordOutcome | DeadRecord]] = [
                 *zip(batch.offsets, batch.outcomes, strict=True),
@@ -301,6 +358,46 @@ class DeploymentConsumer:
                     single.outcomes = []
                     single.dead = [_refused(batch, offset, item, exc)]
                     commit_batch(self.binding, self.segment, [single])
+                read_at = offset + 1
+
+    def _commit_stateful_one_by_one(self, batches: list[PartitionBatch]) -> None:
+        """As _commit_one_by_one, from the partitions' committed state: each record runs
+        again and commits alone with the state it changed and the windows it closed."""
+        for batch in batches:
+            tp = (batch.topic, batch.partition)
+            self._load_states([tp])
+            state = self.states[tp]
+            items: list[tuple[int, RecordOutcome | DeadRecord]] = [
+                *zip(batch.offsets, batch.outcomes, strict=True),
+                *((int(dead.offset or 0), dead) for dead in batch.dead if dead.offset is not None),
+            ]
+            read_at = batch.read_at
+            for offset, item in sorted(items, key=lambda pair: pair[0]):
+                single = PartitionBatch(
+                    batch.topic, batch.partition, read_at, offset + 1, batch.high_watermark
+                )
+                single.state = state
+                if isinstance(item, DeadRecord):
+                    single.dead.append(item)
+                else:
+                    try:
+                        single.outcomes.append(self.segment.run(item.record, state))
+                        single.offsets.append(offset)
+                        self._fire(single, state)
+                    except (PermanentError, SegmentError) as exc:
+                        single.dead.append(_refused(batch, offset, item, exc))
+                try:
+                    commit_batch(self.binding, self.segment, [single])
+                except (DataError, psycopg.DataError) as exc:
+                    self._load_states([tp])  # this record's changes are not taken
+                    state = self.states[tp]
+                    refused = PartitionBatch(
+                        batch.topic, batch.partition, read_at, offset + 1, batch.high_watermark
+                    )
+                    refused.state = state
+                    refused.dead = [_refused(batch, offset, item, exc)]
+                    commit_batch(self.binding, self.segment, [refused])
+                state.committed()
                 read_at = offset + 1
 
     def _cached_high(self, tp: tuple[str, int]) -> int:

@@ -2,6 +2,7 @@
 schedule), the offsets that say how far it has read, and the records it could not take."""
 
 import uuid
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db import models
@@ -88,6 +89,11 @@ class PartitionOffset(TenantModel):
     dead_letters = models.BigIntegerField(default=0)
     # Records per second over the worker's recent batches on this partition.
     rate = models.FloatField(default=0.0)
+    # Event time (epoch ms): the largest seen minus the source's max_delay, or moved on by
+    # the wall clock while the partition is idle. Windows fire on it. None: no record yet.
+    watermark_ms = models.BigIntegerField(null=True, blank=True)
+    # Events later than their window allowed, per window node: {"node id": count}.
+    late = models.JSONField(default=dict, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta(TenantModel.Meta):
@@ -101,6 +107,16 @@ class PartitionOffset(TenantModel):
     @property
     def lag(self) -> int:
         return max(self.high_watermark - self.next_offset, 0)
+
+    @property
+    def watermark(self) -> datetime | None:
+        if self.watermark_ms is None:
+            return None
+        return datetime.fromtimestamp(self.watermark_ms / 1000, tz=UTC)
+
+    @property
+    def late_total(self) -> int:
+        return sum(int(count) for count in self.late.values())
 
 
 class DeadLetter(TenantModel):
@@ -170,4 +186,28 @@ class ScheduleTick(TenantModel):
         ordering = ["-tick_at"]
         constraints = [
             models.UniqueConstraint(fields=["deployment", "tick_at"], name="schedule_tick_once")
+        ]
+
+
+class KeyedState(TenantModel):
+    """One entry of a stateful node's state in one partition: an open window (slot: its
+    start) or a memory list (slot: ""). Written in the micro-batch's transaction with the
+    partition's offset, so it always matches the records taken. Kept per deployment across
+    redeploys while the node's id and config stay the same."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="+")
+    # The node id, or "store:<name>" for memory nodes sharing a store.
+    owner = models.CharField(max_length=100)
+    partition = models.CharField(max_length=260)  # "<topic>:<partition>"
+    key = models.CharField(max_length=200)
+    slot = models.CharField(max_length=40, blank=True)
+    value = models.JSONField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta(TenantModel.Meta):
+        constraints = [
+            models.UniqueConstraint(
+                fields=["deployment", "owner", "partition", "key", "slot"],
+                name="keyed_state_once",
+            )
         ]

@@ -13,11 +13,13 @@ whole or not at all.
 """
 
 import hashlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
@@ -26,11 +28,17 @@ from apps.graphs.validation import as_edge, source_node
 from workers.operators import REGISTRY
 from workers.operators.base import JSON, InputEvent, Operator, PermanentError, StepContext
 from workers.operators.streams import KafkaSink
+from workers.operators.windows import Fired, Memory, StatefulOperator, WindowOperator, event_key
+
+if TYPE_CHECKING:
+    from apps.streams.state import PartitionState
 
 # How many nodes one record may pass through in a segment: a graph is acyclic, so this only
 # bounds a pathological fan of switches.
 MAX_VISITS = 1000
 MAX_EFFECT_KEY = 200
+# An idle partition's watermark starts following the wall clock after this long.
+DEFAULT_IDLE_TIMEOUT_S = 30.0
 NOWHERE: tuple[list[str], tuple[str, ...]] = ([], ())
 
 
@@ -58,6 +66,16 @@ class Record:
     # The payload's JSON text as it arrived, when it is UTF-8: stored as the record's event
     # without encoding the payload again.
     raw: str | None = None
+    # Where the record's own event is: emitted on (node, port) by a window that fired (None:
+    # the source's "out"), or already stored (`event_id`: a step's output relayed `into` a
+    # stateful node).
+    at: tuple[str, str] | None = None
+    into: str = ""
+    event_id: UUID | None = None
+
+    @cached_property
+    def event_ms(self) -> int:
+        return int(self.event_time.timestamp() * 1000)
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,16 @@ class RecordOutcome:
     exits: list[Exit] = field(default_factory=list)
     rows: list[tuple[str, JSON, str]] = field(default_factory=list)  # (table, row, effect key)
     produce: list[Produce] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FiredError:
+    """A window that fired, but a node after it failed on its result: a dead letter."""
+
+    origin: str
+    payload: JSON
+    key: str
+    error: str
 
 
 class Segment:
@@ -118,6 +146,19 @@ class Segment:
             )
             for edge, targets in self.targets.items()
         }
+        # Windows and memory nodes: they keep state per partition, so records reach them
+        # only through a Kafka worker's micro-batch with that partition's state.
+        self.stateful: dict[str, StatefulOperator] = {
+            node_id: operator
+            for node_id in sorted(self.inside)
+            if isinstance(operator := REGISTRY[self.nodes[node_id]["type"]], StatefulOperator)
+        }
+        config = self.source.get("config", {})
+        self.max_delay_ms = round(float(config.get("max_delay_s", 0)) * 1000)
+        self.idle_timeout_s = float(config.get("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S))
+
+    def owner(self, node_id: str) -> str:
+        return self.stateful[node_id].state_owner(node_id, self.nodes[node_id].get("config", {}))
 
     @cached_property
     def input_validator(self) -> Draft202012Validator | None:
@@ -135,13 +176,40 @@ class Segment:
             where = ".".join(str(part) for part in error.absolute_path) or "the payload"
             raise PermanentError(f"input schema: {where}: {error.message}")
 
-    def run(self, record: Record) -> RecordOutcome:
-        """What one record produces; raises SegmentError naming the node that failed."""
+    def run(self, record: Record, state: "PartitionState | None" = None) -> RecordOutcome:
+        """What one record produces; raises SegmentError naming the node that failed. With
+        stateful nodes, `state` is the record's partition's: the record's changes to it are
+        undone if it fails, and its event time moves the watermark once it has passed."""
+        if self.stateful and state is None:
+            raise SegmentError(
+                next(iter(self.stateful)), "windows and memory run only on a Kafka worker"
+            )
+        if state is None:
+            return self._run(record, None)
+        state.begin_record()
+        try:
+            outcome = self._run(record, state)
+        except BaseException:
+            state.undo_record()
+            raise
+        state.end_record()
+        state.advance(record.event_ms - self.max_delay_ms)
+        state.last_record_at = time.monotonic()
+        return outcome
+
+    def _run(self, record: Record, state: "PartitionState | None") -> RecordOutcome:
         outcome = RecordOutcome(record)
-        self.check_input(record.payload)
         visits: dict[str, int] = defaultdict(int)
+        pending: list[tuple[str, str, JSON]] = []
+        if record.into:
+            visits[record.into] += 1
+            pending += self._visit(record.into, record.payload, outcome, visits, state)
+        else:
+            if record.at is None:
+                self.check_input(record.payload)
+            node_id, port = record.at or (self.source["id"], "out")
+            pending.append((node_id, port, record.payload))
         total_visits = 0
-        pending: list[tuple[str, str, JSON]] = [(self.source["id"], "out", record.payload)]
         while pending:
             node_id, port, payload = pending.pop()
             here, leaving = self.split.get((node_id, port), NOWHERE)
@@ -152,13 +220,70 @@ class Segment:
                 total_visits += 1
                 if total_visits > MAX_VISITS:
                     raise SegmentError(target, f"more than {MAX_VISITS} node visits")
-                try:
-                    pending += self._run_node(target, payload, outcome, visits[target])
-                except PermanentError as exc:
-                    raise SegmentError(target, str(exc)) from None
-                except Exception as exc:  # an operator bug must not stall the partition
-                    raise SegmentError(target, f"{type(exc).__name__}: {exc}") from None
+                pending += self._visit(target, payload, outcome, visits, state)
         return outcome
+
+    def _visit(
+        self,
+        node_id: str,
+        payload: JSON,
+        outcome: RecordOutcome,
+        visits: dict[str, int],
+        state: "PartitionState | None",
+    ) -> list[tuple[str, str, JSON]]:
+        try:
+            if node_id in self.stateful:
+                return self._run_stateful(node_id, payload, outcome.record, state)
+            return self._run_node(node_id, payload, outcome, visits[node_id])
+        except PermanentError as exc:
+            raise SegmentError(node_id, str(exc)) from None
+        except SegmentError:
+            raise
+        except Exception as exc:  # an operator bug must not stall the partition
+            raise SegmentError(node_id, f"{type(exc).__name__}: {exc}") from None
+
+    def _run_stateful(
+        self, node_id: str, payload: JSON, record: Record, state: "PartitionState | None"
+    ) -> list[tuple[str, str, JSON]]:
+        if state is None:
+            raise SegmentError(node_id, "windows and memory run only on a Kafka worker")
+        operator = self.stateful[node_id]
+        config = self.nodes[node_id].get("config", {})
+        key = event_key(config, payload, record.key)
+        view = state.node(self.owner(node_id))
+        if isinstance(operator, WindowOperator):
+            if operator.add(config, view, key, record.event_ms, payload):
+                return []
+            state.count_late(node_id)
+            return [(node_id, "late", payload)]
+        assert isinstance(operator, Memory)
+        return [(node_id, "out", operator.apply(config, view, key, record.event_ms, payload))]
+
+    def fire(
+        self, state: "PartitionState", now_ms: int
+    ) -> tuple[list[RecordOutcome], list[FiredError]]:
+        """The windows of this partition the watermark has closed (and early results due),
+        run through the nodes after them; memory entries past their TTL go."""
+        outcomes: list[RecordOutcome] = []
+        failed: list[FiredError] = []
+        for node_id, operator in self.stateful.items():
+            view = state.node(self.owner(node_id))
+            if isinstance(operator, Memory):
+                operator.expire(view)
+                continue
+            assert isinstance(operator, WindowOperator)
+            config = self.nodes[node_id].get("config", {})
+            for fired in operator.fire(config, view, node_id, now_ms):
+                record = self.fired_record(node_id, fired)
+                try:
+                    outcomes.append(self._run(record, state))
+                except SegmentError as exc:
+                    failed.append(FiredError(fired.origin, fired.payload, fired.key, str(exc)))
+        return outcomes, failed
+
+    def fired_record(self, node_id: str, fired: Fired) -> Record:
+        event_time = datetime.fromtimestamp(fired.event_time_ms / 1000, tz=UTC)
+        return Record(fired.origin, fired.payload, fired.key, event_time, at=(node_id, "out"))
 
     def _run_node(
         self, node_id: str, payload: JSON, outcome: RecordOutcome, visit: int

@@ -59,6 +59,9 @@ class KafkaSource(StreamSource):
             "event_time_field": FIELD_NAME,
             # How late, in event time, records may arrive (watermarks use it).
             "max_delay_s": {"type": "number", "minimum": 0, "maximum": 86400},
+            # A partition with no record for this long has its watermark follow the wall
+            # clock, so its windows still fire (default 30 s).
+            "idle_timeout_s": {"type": "number", "minimum": 0.1, "maximum": 86400},
             "start_from": {"enum": list(START_FROM)},
             "start_timestamp": {"type": "string", "format": "date-time"},
             "input_schema": {"type": "object"},

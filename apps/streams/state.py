@@ -1,0 +1,222 @@
+"""The state of a deployment's stateful nodes (windows, memory) in one partition, as a Kafka
+worker holds it between micro-batches, and its rows in PostgreSQL.
+
+A worker loads a partition's entries, watermark and late counts when it is assigned the
+partition, changes them in memory as it runs records, and writes what changed in the batch's
+own transaction (checkpoint.commit_batch), with the partition's next offset. A batch that
+is refused, or a worker that dies, leaves PostgreSQL as it was: the worker (or the next one)
+loads the partition again and reads its records again from the offset that goes with it.
+
+Each record's changes are journalled until it has passed the whole segment: a record that
+fails further on is undone, so it is taken whole or not at all.
+"""
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+from uuid import UUID
+
+from django.db import connection
+
+from workers.operators.base import JSON
+
+Entries = dict[str, dict[str, dict[str, JSON]]]  # owner -> key -> slot -> value
+_MISSING = object()
+
+
+class PartitionState:
+    """Entries of every stateful node of one deployment in one partition."""
+
+    def __init__(
+        self, label: str, watermark_ms: int | None, late: dict[str, int], entries: Entries
+    ) -> None:
+        self.label = label  # "<topic>:<partition>"
+        self.watermark_ms = watermark_ms
+        self.late = dict(late)
+        self.entries = entries
+        # Changed since the last commit: written by the next one.
+        self.dirty: set[tuple[str, str, str]] = set()
+        self.moved = False  # the watermark or the late counts changed
+        self._journal: list[tuple[str, str, str, Any]] | None = None
+        self._before: tuple[int | None, dict[str, int]] | None = None
+        # The wall clock of the last record taken (monotonic): idle partitions move on.
+        self.last_record_at = time.monotonic()
+
+    def node(self, owner: str) -> "NodeView":
+        return NodeView(self, owner)
+
+    # -- one record ------------------------------------------------------------------------
+
+    def begin_record(self) -> None:
+        self._journal = []
+        self._before = (self.watermark_ms, dict(self.late))
+
+    def undo_record(self) -> None:
+        for owner, key, slot, old in reversed(self._journal or []):
+            self._set(owner, key, slot, old)
+        if self._before is not None:
+            self.watermark_ms, self.late = self._before
+        self.end_record()
+
+    def end_record(self) -> None:
+        self._journal = None
+        self._before = None
+
+    def count_late(self, node_id: str) -> None:
+        self.late[node_id] = self.late.get(node_id, 0) + 1
+        self.moved = True
+
+    def advance(self, watermark_ms: int) -> bool:
+        """Moves the watermark forward (never back); True when it moved."""
+        if self.watermark_ms is not None and watermark_ms <= self.watermark_ms:
+            return False
+        self.watermark_ms = watermark_ms
+        self.moved = True
+        return True
+
+    # -- entries -----------------------------------------------------------------------
+
+    def put(self, owner: str, key: str, slot: str, value: JSON) -> None:
+        self._remember(owner, key, slot)
+        self._set(owner, key, slot, value)
+
+    def delete(self, owner: str, key: str, slot: str) -> None:
+        self._remember(owner, key, slot)
+        self._set(owner, key, slot, _MISSING)
+
+    def _remember(self, owner: str, key: str, slot: str) -> None:
+        if self._journal is not None:
+            old = self.entries.get(owner, {}).get(key, {}).get(slot, _MISSING)
+            self._journal.append((owner, key, slot, old))
+
+    def _set(self, owner: str, key: str, slot: str, value: Any) -> None:
+        self.dirty.add((owner, key, slot))
+        if value is _MISSING:
+            slots = self.entries.get(owner, {}).get(key)
+            if slots is not None:
+                slots.pop(slot, None)
+                if not slots:
+                    del self.entries[owner][key]
+                    if not self.entries[owner]:
+                        del self.entries[owner]
+            return
+        self.entries.setdefault(owner, {}).setdefault(key, {})[slot] = value
+
+    def open_entries(self, owner: str) -> int:
+        return sum(len(slots) for slots in self.entries.get(owner, {}).values())
+
+    # -- commit --------------------------------------------------------------------------
+
+    def changes(self) -> tuple[list[tuple[str, str, str, JSON]], list[tuple[str, str, str]]]:
+        """(entries to write, entries to delete) since the last commit."""
+        upserts: list[tuple[str, str, str, JSON]] = []
+        deletes: list[tuple[str, str, str]] = []
+        for owner, key, slot in self.dirty:
+            value = self.entries.get(owner, {}).get(key, {}).get(slot)
+            if value is None:
+                deletes.append((owner, key, slot))
+            else:
+                upserts.append((owner, key, slot, value))
+        return upserts, deletes
+
+    def committed(self) -> None:
+        self.dirty.clear()
+        self.moved = False
+
+
+class NodeView:
+    """One owner's entries in the partition: what a stateful operator sees (NodeState)."""
+
+    def __init__(self, state: PartitionState, owner: str) -> None:
+        self.state = state
+        self.owner = owner
+        self.partition = state.label
+
+    @property
+    def watermark_ms(self) -> int | None:
+        return self.state.watermark_ms
+
+    def slots(self, key: str) -> dict[str, JSON]:
+        return self.state.entries.get(self.owner, {}).get(key, {})
+
+    def put(self, key: str, slot: str, value: JSON) -> None:
+        self.state.put(self.owner, key, slot, value)
+
+    def delete(self, key: str, slot: str) -> None:
+        self.state.delete(self.owner, key, slot)
+
+    def entries(self) -> Iterator[tuple[str, str, JSON]]:
+        """A snapshot: the caller may delete while going through it."""
+        owned = self.state.entries.get(self.owner, {})
+        return iter(
+            [(key, slot, value) for key, slots in owned.items() for slot, value in slots.items()]
+        )
+
+
+def label(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+def load(
+    deployment_id: UUID, tenant_id: int, partitions: Sequence[tuple[str, int]]
+) -> dict[tuple[str, int], PartitionState]:
+    """The committed state of these partitions (a partition never read: empty)."""
+    labels = {label(topic, partition): (topic, partition) for topic, partition in partitions}
+    marks: dict[str, tuple[int | None, dict[str, int]]] = {}
+    entries: dict[str, Entries] = {name: {} for name in labels}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT topic, partition, watermark_ms, late FROM streams_partitionoffset"
+            " WHERE deployment_id = %s AND tenant_id = %s",
+            [deployment_id, tenant_id],
+        )
+        for topic, partition, watermark_ms, late in cursor.fetchall():
+            marks[label(topic, partition)] = (watermark_ms, _json(late) or {})
+        cursor.execute(
+            "SELECT partition, owner, key, slot, value FROM streams_keyedstate"
+            " WHERE deployment_id = %s AND tenant_id = %s AND partition = ANY(%s)",
+            [deployment_id, tenant_id, list(labels)],
+        )
+        for name, owner, key, slot, value in cursor.fetchall():
+            entries[name].setdefault(owner, {}).setdefault(key, {})[slot] = _json(value)
+    return {
+        tp: PartitionState(name, *marks.get(name, (None, {})), entries[name])
+        for name, tp in labels.items()
+    }
+
+
+def write(deployment_id: UUID, tenant_id: int, state: PartitionState) -> None:
+    """The partition's changed entries, in the caller's transaction (the batch's)."""
+    upserts, deletes = state.changes()
+    with connection.cursor() as cursor:
+        if deletes:
+            cursor.execute(
+                "DELETE FROM streams_keyedstate AS s USING unnest(%s::text[], %s::text[],"
+                " %s::text[]) AS d(owner, key, slot) WHERE s.deployment_id = %s"
+                " AND s.partition = %s AND s.owner = d.owner AND s.key = d.key"
+                " AND s.slot = d.slot",
+                [*_columns(deletes, 3), deployment_id, state.label],
+            )
+        if upserts:
+            owners, keys, slots = _columns(upserts, 3)
+            values = [
+                json.dumps(value, separators=(",", ":"), default=str) for *_, value in upserts
+            ]
+            cursor.execute(
+                "INSERT INTO streams_keyedstate (tenant_id, deployment_id, partition, owner,"
+                " key, slot, value, updated_at) SELECT %s, %s, %s, u.owner, u.key, u.slot,"
+                " u.value::jsonb, now() FROM unnest(%s::text[], %s::text[], %s::text[],"
+                " %s::text[]) AS u(owner, key, slot, value)"
+                " ON CONFLICT (deployment_id, owner, partition, key, slot)"
+                " DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+                [tenant_id, deployment_id, state.label, owners, keys, slots, values],
+            )
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
