@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 # The effect key of a produced record travels in this header, so a consumer downstream can
 # drop the copies a crash between the broker's ack and Sluice's commit sends again.
@@ -49,6 +50,22 @@ def topic_problem(topic: str, tenant_slug: str) -> str | None:
             f" {prefix!r} (for example {prefix}{topic.rsplit('.', 1)[-1]!s})"
         )
     return None
+
+
+def relay_topic(tenant_slug: str, deployment_hex: str) -> str:
+    """The internal topic a deployment's step outputs come back into its segment through."""
+    return f"{topic_prefix(tenant_slug)}sluice-relay-{deployment_hex}"
+
+
+def ensure_topic(name: str, partitions: int, timeout_s: float = 30.0) -> None:
+    """Creates the topic unless it exists."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers()})
+    future = admin.create_topics([NewTopic(name, num_partitions=partitions)])[name]
+    try:
+        future.result(timeout=timeout_s)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
 
 
 def spec_topics(spec: dict[str, Any]) -> list[tuple[str, str, str]]:

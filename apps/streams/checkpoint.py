@@ -301,7 +301,7 @@ def start_offsets(
                 cursor.execute(
                     "INSERT INTO streams_partitionoffset (tenant_id, deployment_id, topic,"
                     " partition, next_offset, high_watermark, records, dead_letters, rate,"
-                    " updated_at) VALUES (%s, %s, %s, %s, %s, 0, 0, 0, 0, now())"
+                    " late, updated_at) VALUES (%s, %s, %s, %s, %s, 0, 0, 0, 0, '{}', now())"
                     " ON CONFLICT (deployment_id, topic, partition) DO NOTHING",
                     [binding.tenant_id, binding.deployment_id, topic, partition, offset],
                 )

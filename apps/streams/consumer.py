@@ -32,6 +32,7 @@ from confluent_kafka import (
 from django.db import DatabaseError, DataError, close_old_connections, connection
 
 from apps.runs.models import Run
+from apps.streams import relay
 from apps.streams import state as partition_state
 from apps.streams.checkpoint import (
     Binding,
@@ -69,6 +70,8 @@ IDLE_S = 0.01
 # How often a partition that took no records checks for windows to fire (its watermark
 # following the wall clock once idle, early results due).
 TICK_S = 0.5
+# How often a deployment with windows after steps relays those steps' outputs.
+RELAY_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Deployed:
 
     id: UUID
     tenant_id: int
+    graph_id: int
     version_id: int
     status: str
     group_id: str
@@ -89,6 +93,7 @@ class Deployed:
         return cls(
             id=deployment.id,
             tenant_id=deployment.tenant_id,
+            graph_id=deployment.graph_id,
             version_id=deployment.version_id,
             status=deployment.status,
             group_id=deployment.group_id,
@@ -128,8 +133,17 @@ class DeploymentConsumer:
         self.consumer: Consumer = kafka.consumer(
             deployed.group_id, member=client_id if static else None, **{"client.id": client_id}
         )
+        # Step outputs for windows or memory come back through the relay topic.
+        self.relay_nodes = relay.relay_nodes(self.segment)
+        self.relay_topic = ""
+        self.relayed_at = 0.0
+        topics = list(self.config["topics"])
+        if self.relay_nodes:
+            self.relay_topic = kafka.relay_topic(deployed.tenant.slug, deployed.id.hex[:12])
+            kafka.ensure_topic(self.relay_topic, relay.RELAY_PARTITIONS)
+            topics.append(self.relay_topic)
         self.consumer.subscribe(
-            list(self.config["topics"]),
+            topics,
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
@@ -166,6 +180,8 @@ class DeploymentConsumer:
         """Where a partition never read before starts, from the source's start_from."""
         low, high = self.consumer.get_watermark_offsets(partition, timeout=10)
         start_from = self.config.get("start_from", "earliest")
+        if partition.topic == self.relay_topic:
+            return int(low)  # every relayed record counts
         if start_from == "latest":
             return int(high)
         if start_from == "timestamp":
@@ -212,6 +228,8 @@ class DeploymentConsumer:
 
     def poll(self, timeout: float) -> int:
         """Consume and commit one batch; the records taken (0 when idle or refused)."""
+        if self.relay_topic and not self.paused:
+            self._relay()
         messages = self.consumer.consume(num_messages=BATCH, timeout=timeout)
         by_partition: dict[tuple[str, int], list[Message]] = defaultdict(list)
         for message in messages:
@@ -270,13 +288,53 @@ class DeploymentConsumer:
         )
         state = self.states.get(tp)
         batch.state = state
-        for message in messages:
-            self._take(batch, message, state)
+        if tp[0] == self.relay_topic:
+            self._take_relayed(batch, messages, state)
+        else:
+            for message in messages:
+                self._take(batch, message, state)
         if state is not None:
             self._fire(batch, state)
         elapsed = max(time.monotonic() - started, 1e-3)
         batch.rate = len(messages) / elapsed
         return batch
+
+    def _relay(self) -> None:
+        now = time.monotonic()
+        if now - self.relayed_at < RELAY_S:
+            return
+        self.relayed_at = now
+        try:
+            relay.send_pending(
+                self.deployed.tenant_id, self.deployed.graph_id, self.segment, self.relay_topic
+            )
+        except kafka.DeliveryFailed as exc:  # nothing marked sent: the next round sends again
+            log.warning("deployment %s: relay: %s", self.deployed.id, exc)
+
+    def _take_relayed(
+        self, batch: PartitionBatch, messages: list[Message], state: PartitionState | None
+    ) -> None:
+        """Relayed step outputs: each row once, however many copies the topic holds."""
+        decoded: list[tuple[Message, int, Record]] = []
+        for message in messages:
+            origin = f"{batch.topic}:{batch.partition}:{message.offset()}"
+            try:
+                relay_id, record = relay.decode(origin, message.value())
+            except PermanentError as exc:
+                batch.dead.append(self._dead(batch, message, str(exc)))
+                continue
+            decoded.append((message, relay_id, record))
+        pending = relay.still_pending(self.deployed.tenant_id, [d[1] for d in decoded])
+        for message, relay_id, record in decoded:
+            if relay_id not in pending:
+                continue  # taken already: a copy produced again
+            pending.discard(relay_id)
+            try:
+                batch.outcomes.append(self.segment.run(record, state))
+                batch.offsets.append(int(message.offset() or 0))
+            except (PermanentError, SegmentError, RecursionError) as exc:
+                batch.dead.append(self._dead(batch, message, str(exc)))
+            batch.relayed.append(relay_id)
 
     def _fire(self, batch: PartitionBatch, state: PartitionState) -> None:
         fired, failed = self.segment.fire(state, int(time.time() * 1000))
@@ -319,16 +377,17 @@ class DeploymentConsumer:
             batch.outcomes.append(self.segment.run(record, state))
             batch.offsets.append(int(message.offset() or 0))
         except (PermanentError, SegmentError, RecursionError) as exc:
-            batch.dead.append(
-                DeadRecord(
-                    error=str(exc),
-                    payload=(value or b"").decode("utf-8", "replace"),
-                    key=(key or b"").decode("utf-8", "replace"),
-                    topic=batch.topic,
-                    partition=batch.partition,
-                    offset=message.offset(),
-                )
-            )
+            batch.dead.append(self._dead(batch, message, str(exc)))
+
+    def _dead(self, batch: PartitionBatch, message: Message, error: str) -> DeadRecord:
+        return DeadRecord(
+            error=error,
+            payload=(message.value() or b"").decode("utf-8", "replace"),
+            key=(message.key() or b"").decode("utf-8", "replace"),
+            topic=batch.topic,
+            partition=batch.partition,
+            offset=message.offset(),
+        )
 
     def _commit_one_by_one(self, batches: list[PartitionBatch]) -> None:
         """The last resort when PostgreSQL refuses a value the checks let through: each

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from apps.audit.services import Actor, record
@@ -17,12 +18,21 @@ from apps.runs.services import check_run_quotas, record_start
 from apps.secrets.crypto import encrypt
 from apps.streams.checkpoint import produce, write_outcomes
 from apps.streams.drain import release_run, stop_deployment
-from apps.streams.models import SOURCE_KINDS, DeadLetter, Deployment, DeploymentStatus, SourceKind
+from apps.streams.models import (
+    SOURCE_KINDS,
+    DeadLetter,
+    Deployment,
+    DeploymentStatus,
+    KeyedState,
+    SourceKind,
+)
 from apps.streams.segment import Record, Segment, SegmentError
 from apps.tenants.context import current_tenant
 from workers import kafka
+from workers.operators import REGISTRY
 from workers.operators.base import PermanentError
 from workers.operators.streams import KafkaSource
+from workers.operators.windows import StatefulOperator
 
 
 class DeploymentRefused(Exception):
@@ -93,6 +103,9 @@ def deploy(*, graph: StreamGraph, version: GraphVersion, actor: Actor) -> Deploy
             _audit(deployment, actor, "deployment.create", None, {"version": version.number})
             return deployment
         before = {"version": deployment.version.number, "status": deployment.status}
+        dropped = drop_changed_state(deployment, version)
+        if dropped:
+            before["state"] = {entry["owner"]: entry["entries"] for entry in dropped}
         if active:
             release_run(deployment)
         deployment.version = version
@@ -109,6 +122,54 @@ def deploy(*, graph: StreamGraph, version: GraphVersion, actor: Actor) -> Deploy
         after = {"version": version.number, "status": deployment.status}
         _audit(deployment, actor, "deployment.redeploy", before, after)
     return deployment
+
+
+def state_owners(spec: dict[str, Any]) -> dict[str, list[tuple[str, str, Any]]]:
+    """Each state owner (a window node, a memory store) with the (id, type, config) of the
+    nodes that make its state."""
+    owners: dict[str, list[tuple[str, str, Any]]] = {}
+    for node in spec["nodes"]:
+        operator = REGISTRY.get(node["type"])
+        if isinstance(operator, StatefulOperator):
+            config = node.get("config", {})
+            owner = operator.state_owner(node["id"], config)
+            owners.setdefault(owner, []).append((node["id"], node["type"], config))
+    return {owner: sorted(nodes, key=lambda n: n[0]) for owner, nodes in owners.items()}
+
+
+def state_to_drop(deployment: Deployment, version: GraphVersion) -> list[dict[str, Any]]:
+    """What deploying `version` would drop of the deployment's state: the entries (open
+    windows, memory lists) of every owner whose nodes' id or config changes or goes. An owner
+    whose nodes stay exactly as they are keeps its state."""
+    before = state_owners(deployment.version.spec)
+    after = state_owners(version.spec)
+    changed = [owner for owner, nodes in before.items() if after.get(owner) != nodes]
+    if not changed:
+        return []
+    counts = dict(
+        KeyedState.objects.filter(deployment=deployment, owner__in=changed)
+        .values_list("owner")
+        .annotate(entries=Count("id"))
+    )
+    return [
+        {
+            "owner": owner,
+            "nodes": [node_id for node_id, _type, _config in before[owner]],
+            "entries": counts.get(owner, 0),
+            "reason": "removed" if owner not in after else "config changed",
+        }
+        for owner in sorted(changed)
+    ]
+
+
+def drop_changed_state(deployment: Deployment, version: GraphVersion) -> list[dict[str, Any]]:
+    """In the redeploy's transaction: the state `version` cannot use goes."""
+    dropped = state_to_drop(deployment, version)
+    if dropped:
+        KeyedState.objects.filter(
+            deployment=deployment, owner__in=[entry["owner"] for entry in dropped]
+        ).delete()
+    return dropped
 
 
 def _change_source(deployment: Deployment, kind: str) -> None:
@@ -222,6 +283,11 @@ def replay_dead_letter(dead: DeadLetter, *, actor: Actor) -> DeadLetter:
         if deployment.status == DeploymentStatus.STOPPED:
             raise DeploymentRefused("the deployment is stopped: deploy a version, then replay")
         segment = Segment(deployment.version.spec, scope=deployment.id.hex[:12])
+        if segment.stateful:
+            raise DeploymentRefused(
+                "this version has windows or memory, whose state lives with the record's"
+                " partition: fix the record and produce it to the topic again instead"
+            )
         origin = f"{locked.topic}:{locked.partition}:{locked.offset}" if locked.topic else ""
         try:
             record_ = _replayed_record(segment, locked, origin or f"dead-letter:{locked.pk}")

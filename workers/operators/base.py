@@ -227,6 +227,9 @@ class Operator:
     # Not cheap, yet runs inside a stream segment on the Kafka worker: a sink whose records
     # the worker produces with the micro-batch, acknowledged before the batch commits.
     segment_sink: ClassVar[bool] = False
+    # Keeps state between records (windows, memory): runs only in a Kafka stream segment,
+    # which gives it its partition's state; a step's output for it is relayed there.
+    stateful: ClassVar[bool] = False
 
     def queue(self, node: JSON) -> str:
         """The Celery queue this node's steps run on."""

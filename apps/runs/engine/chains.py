@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from apps.runs.engine.context import Claimed
 from apps.runs.engine.leases import lease_until
-from apps.runs.engine.outputs import output_events, shared_key
+from apps.runs.engine.outputs import output_events, shared_key, stream_event_time
 from apps.runs.engine.settle import Routing
 from apps.runs.models import Event, StepStatus
 from workers.operators import REGISTRY
@@ -45,7 +45,14 @@ def plan(claim: Claimed, result: StepResult) -> Link:
     cannot be routed (an event reaching a collect from outside its fan-out)."""
     step, run = claim.step, claim.run
     opens_scope = REGISTRY[claim.node["type"]].opens_scope
-    events = output_events(step, run, result, opens_scope=opens_scope, key=shared_key(claim.events))
+    events = output_events(
+        step,
+        run,
+        result,
+        opens_scope=opens_scope,
+        key=shared_key(claim.events),
+        event_time=stream_event_time(run, claim.events),
+    )
     routing = Routing()
     if opens_scope:
         routing.opened_scope = step.id

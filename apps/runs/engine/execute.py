@@ -274,7 +274,10 @@ def _commit_at_once(chain: list[Link], own: set[UUID]) -> bool:
     first = chain[0].claim
     if first.usage is not None or not first.run.is_active:
         return False
-    if any(link.routing.opened_scope is not None or link.result.table_rows for link in chain):
+    if any(
+        link.routing.opened_scope is not None or link.result.table_rows or link.routing.relays
+        for link in chain
+    ):
         return False
     scope_move = _scope_move(chain)
     if scope_move is False:

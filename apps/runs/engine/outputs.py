@@ -1,5 +1,6 @@
 """Writing what a step produced, inside the step's commit transaction."""
 
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -8,7 +9,7 @@ from django.utils import timezone
 
 from apps.runs.engine import store
 from apps.runs.engine.effects import digest, effect_key
-from apps.runs.models import Effect, EffectStatus, Event, ResultRow, Run, Step, Usage
+from apps.runs.models import Effect, EffectStatus, Event, ResultRow, Run, RunKind, Step, Usage
 from workers.operators.base import StepResult, UsageRecord
 
 
@@ -20,11 +21,26 @@ def shared_key(inputs: list[Event] | None) -> str:
     return keys.pop() if len(keys) == 1 else ""
 
 
+def stream_event_time(run: Run, inputs: list[Event] | None) -> datetime | None:
+    """In a stream run, a step's outputs keep their inputs' event time (the latest of them):
+    a window after an LLM step counts a ticket by when it happened, not by when the model
+    answered. Elsewhere (None) outputs are timed when they are made."""
+    if run.kind != RunKind.STREAM or not inputs:
+        return None
+    return max(event.event_time for event in inputs)
+
+
 def output_events(
-    step: Step, run: Run, result: StepResult, *, opens_scope: bool, key: str = ""
+    step: Step,
+    run: Run,
+    result: StepResult,
+    *,
+    opens_scope: bool,
+    key: str = "",
+    event_time: datetime | None = None,
 ) -> list[Event]:
     """The step's output events, not yet saved: a chain runs the next step on them first."""
-    now = timezone.now()
+    now = event_time or timezone.now()
     return [
         Event(
             tenant_id=run.tenant_id,

@@ -16,7 +16,7 @@ from apps.graphs.validation import downstream, node_max_attempts, node_queue, no
 from apps.runs.engine import store
 from apps.runs.engine.outbox import StepMessage
 from apps.runs.engine.store import FAILED_STEP
-from apps.runs.models import FanIn, FanInClosed, Run, Step
+from apps.runs.models import FanIn, FanInClosed, Run, RunKind, Step, StreamRelay
 from workers.flow.routing import PRIORITIES
 from workers.operators import REGISTRY
 from workers.operators.base import PermanentError
@@ -46,6 +46,18 @@ def new_step(run: Run, node: dict[str, Any], inputs: list[UUID], scopes: Scopes)
     )
 
 
+def relay(run: Run, node_id: str, event: Any) -> StreamRelay:
+    return StreamRelay(
+        tenant_id=run.tenant_id,
+        run=run,
+        node_id=node_id,
+        event=event.id,
+        key=event.key,
+        payload=event.payload,
+        event_time=event.event_time,
+    )
+
+
 def collect_for(spec: dict[str, Any], fanout_node_id: str) -> str:
     for node in spec["nodes"]:
         if REGISTRY[node["type"]].is_collect and node.get("config", {}).get("by") == fanout_node_id:
@@ -58,6 +70,9 @@ class Routing:
 
     def __init__(self) -> None:
         self.steps: list[Step] = []
+        # Outputs of a stream run's step for a window or memory node: they go back into the
+        # stream segment through the relay outbox (DESIGN "Two executors, one graph").
+        self.relays: list[StreamRelay] = []
         self.arrivals: dict[UUID, list[UUID]] = defaultdict(list)
         # Set when the step was a fan-out: the scope its items belong to.
         self.opened_scope: UUID | None = None
@@ -67,8 +82,11 @@ class Routing:
         for event in events:
             for target in downstream(run.spec, step.node_id, event.port):
                 node = nodes[target]
-                if REGISTRY[node["type"]].is_collect:
+                operator = REGISTRY[node["type"]]
+                if operator.is_collect:
                     self._arrive(event, node)
+                elif operator.stateful and run.kind == RunKind.STREAM:
+                    self.relays.append(relay(run, target, event))
                 else:
                     self.steps.append(new_step(run, node, [event.id], event.scopes))
 
@@ -110,6 +128,7 @@ def settle(step: Step, run: Run, routing: Routing, *, failed: bool = False) -> l
         fired, run_failures = _move_fanins(step, run, routing, failed)
         created += fired
     store.create_steps(created)
+    store.create_rows(routing.relays)
     store.move_open_steps(run, len(created) - 1, run_failures)
     return [StepMessage(run.tenant_id, s.id, s.queue) for s in created]
 

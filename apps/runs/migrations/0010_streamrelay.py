@@ -6,35 +6,46 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('runs', '0009_stream_segment_rows'),
-        ('tenants', '0005_admission_limits'),
+        ("runs", "0009_stream_segment_rows"),
+        ("tenants", "0005_admission_limits"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='StreamRelay',
+            name="StreamRelay",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('node_id', models.CharField(max_length=64)),
-                ('event', models.UUIDField()),
-                ('key', models.CharField(blank=True, max_length=200)),
-                ('payload', models.JSONField()),
-                ('event_time', models.DateTimeField()),
-                ('sent_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='runs.run')),
-                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='tenants.tenant')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("node_id", models.CharField(max_length=64)),
+                ("event", models.UUIDField()),
+                ("key", models.CharField(blank=True, max_length=200)),
+                ("payload", models.JSONField()),
+                ("event_time", models.DateTimeField()),
+                ("sent_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="+", to="runs.run"
+                    ),
+                ),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="tenants.tenant",
+                    ),
+                ),
             ],
             options={
-                'abstract': False,
-                'base_manager_name': 'unscoped_all_tenants',
-                'indexes': [models.Index(fields=['run', 'sent_at'], name='relay_unsent')],
+                "abstract": False,
+                "base_manager_name": "unscoped_all_tenants",
+                "indexes": [models.Index(fields=["run", "sent_at"], name="relay_unsent")],
             },
             managers=[
-                ('objects', django.db.models.manager.Manager()),
-                ('unscoped_all_tenants', django.db.models.manager.Manager()),
+                ("objects", django.db.models.manager.Manager()),
+                ("unscoped_all_tenants", django.db.models.manager.Manager()),
             ],
         ),
     ]
