@@ -14,7 +14,11 @@ T0 = 1_700_000_000_000 - 1_700_000_000_000 % 60_000  # a minute boundary, in ms
 
 def spec(window: dict, *, max_delay_s: float = 0, after: list | None = None) -> dict:
     nodes = [
-        {"id": "in", "type": "source.kafka", "config": {"topics": ["t.in"], "max_delay_s": max_delay_s}},
+        {
+            "id": "in",
+            "type": "source.kafka",
+            "config": {"topics": ["t.in"], "max_delay_s": max_delay_s},
+        },
         window,
         {"id": "late_rows", "type": "sink.table", "config": {"table": "late"}},
         *(after or []),
