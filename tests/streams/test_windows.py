@@ -21,10 +21,12 @@ from apps.tenants.context import tenant_context
 from tests.conftest import World
 from tests.harness.platform import Platform
 from tests.harness.streams import create_topics, send_to_partitions, wait_for
+from workers.inference.simulated import tokens_for
 from workers.queues import CPU_WORKER_QUEUES
 
 pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]
 
+SUMMARY_PROMPT = "Team {{ key }}: {% for e in events %}{{ e.body }}. {% endfor %}"
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % 60_000  # a minute boundary, epoch ms
 
 
@@ -305,10 +307,18 @@ def test_a_window_after_an_llm_step_counts_each_output_once(
             {"id": "classify", "type": "llm.generate", "config": {
                 "model": "default", "prompt": "Classify: {{ body }}", "max_tokens": 4}},
             {"id": "per_team", "type": "window.tumbling", "config": {
-                "size_s": 60, "key": "{{ team }}", "aggregate": {"op": "collect"}}},
+                "size_s": 12, "key": "{{ team }}", "aggregate": {"op": "collect"}}},
             table("counts", "per_team"),
+            # When a team's window closes, a model summarizes its tickets.
+            {"id": "summarize", "type": "llm.generate", "config": {
+                "model": "default", "prompt": SUMMARY_PROMPT, "max_tokens": 6,
+                "output": "summary"}},
+            table("summaries", "summaries"),
         ],
-        "edges": [["in", "classify"], ["classify", "per_team"], ["per_team", "counts"]],
+        "edges": [
+            ["in", "classify"], ["classify", "per_team"], ["per_team", "counts"],
+            ["per_team", "summarize"], ["summarize", "summaries"],
+        ],
     }  # fmt: skip
     deployment = deploy(world, "tickets", spec)
     stream_platform.start_worker("cpu", CPU_WORKER_QUEUES, pool="prefork", concurrency=2)
@@ -320,12 +330,18 @@ def test_a_window_after_an_llm_step_counts_each_output_once(
     ]
     send_to_partitions(kafka_bootstrap, tickets, sent)
     wait_for(lambda: len(rows(world, "per_team")) == 2, 120, "one window per team")
-    # Windowed by the tickets' own event time (a minute from T0), not by when the model
+    # Windowed by the tickets' own event time (12 s from T0), not by when the model
     # answered; each classified ticket once, with the model's output beside its fields.
-    assert windows(rows(world, "per_team"), "count") == [("blue", 0, 60, 4), ("red", 0, 60, 8)]
+    assert windows(rows(world, "per_team"), "count") == [("blue", 0, 12, 4), ("red", 0, 12, 8)]
     by_team = {row["key"]: row for row in rows(world, "per_team")}
     red = sorted(event["body"] for event in by_team["red"]["events"])
     assert red == sorted(f"ticket {i}" for i in range(12) if i % 3)
     assert all(event["text"] for event in by_team["red"]["events"])
+    # The window's events reached the summary's prompt, in event-time order.
+    wait_for(lambda: len(rows(world, "summaries")) == 2, 60, "one summary per team")
+    for row in rows(world, "summaries"):
+        bodies = [f"ticket {i}" for i in range(12) if (i % 3 != 0) == (row["key"] == "red")]
+        prompt = f"Team {row['key']}: " + "".join(f"{body}. " for body in bodies)
+        assert row["summary"] == "".join(tokens_for(prompt, 6))
     with tenant_context(world.acme):
         assert not StreamRelay.objects.filter(run=deployment.run).exists()
