@@ -161,3 +161,44 @@ def test_memory_appends_reads_bounds_and_expires_by_event_time() -> None:
     assert set(state.entries["store:chat"]) == {"a", "b"}
     segment.fire(state, 0)  # the watermark (100 s) is past b's expiry (62 s)
     assert set(state.entries["store:chat"]) == {"a"}
+
+
+def test_early_results_are_marked_and_the_final_one_still_fires_once() -> None:
+    window = {
+        "id": "w", "type": "window.tumbling",
+        "config": {"size_s": 10, "early_every_s": 5, "aggregate": {"op": "max", "field": "n"}},
+    }  # fmt: skip
+    segment = Segment(spec(window), scope="s")
+    state = PartitionState("t.in:0", None, {}, {})
+    segment.run(record(0, "a", 1, n=3), state)
+    early, _ = segment.fire(state, now_ms=10_000)
+    assert [(o.record.payload["early"], o.record.payload["max"]) for o in early] == [(True, 3)]
+    # Nothing new since: no early result.
+    assert segment.fire(state, now_ms=15_000) == ([], [])
+    segment.run(record(1, "a", 2, n=7), state)
+    assert segment.fire(state, now_ms=12_000 + 2_000) == ([], [])  # under 5 s since the last
+    again, _ = segment.fire(state, now_ms=15_000)
+    assert [o.record.payload["max"] for o in again] == [7]
+    assert again[0].record.origin != early[0].record.origin  # each its own effect keys
+    segment.run(record(2, "b", 30, n=0), state)
+    final, _ = segment.fire(state, now_ms=16_000)
+    # a's window closes (final, once); b's new one gets its first early result.
+    assert sorted(
+        (o.record.payload["key"], o.record.payload["early"], o.record.payload["count"])
+        for o in final
+    ) == [("a", False, 2), ("b", True, 1)]
+
+
+def test_a_window_result_a_later_node_fails_on_becomes_a_dead_letter() -> None:
+    window = {"id": "w", "type": "window.tumbling", "config": {"size_s": 10}}
+    broken = {
+        "id": "shape", "type": "transform.template",
+        "config": {"template": "{{ nothing_here }}", "output": "x"},
+    }  # fmt: skip
+    segment = Segment(spec(window, after=[broken]), scope="s")
+    state = PartitionState("t.in:0", None, {}, {})
+    segment.run(record(0, "a", 1), state)
+    segment.run(record(1, "a", 30), state)
+    fired, failed = segment.fire(state, 0)
+    assert fired == [] and len(failed) == 1
+    assert "nothing_here" in failed[0].error and failed[0].payload["count"] == 1
