@@ -63,6 +63,16 @@ urlpatterns = [
         name="deployment-redeploy",
     ),
     path(
+        "deployments/<uuid:deployment_id>/state/",
+        deployments.StateView.as_view(),
+        name="deployment-state",
+    ),
+    path(
+        "deployments/<uuid:deployment_id>/state/preview/",
+        deployments.StatePreviewView.as_view(),
+        name="deployment-state-preview",
+    ),
+    path(
         "deployments/<uuid:deployment_id>/dead-letters/",
         deployments.DeadLetterListView.as_view(),
         name="deployment-dead-letters",

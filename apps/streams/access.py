@@ -1,25 +1,32 @@
 """Tenant-checked reads of stream deployments, for the pages and the API: lookups by id
-(missing and not-yours look the same: 404), the list's figures, and one deployment's status
-as the page shows it. Every query goes through the tenant-scoped managers."""
+(missing and not-yours look the same: 404), the list's figures, one deployment's status as
+the page shows it, and its windows' and memories' state. Every query goes through the
+tenant-scoped managers."""
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from django.core.paginator import Page, Paginator
 from django.db.models import (
+    BigIntegerField,
+    Case,
     Count,
     F,
     FloatField,
     IntegerField,
+    Min,
     OuterRef,
     Q,
     QuerySet,
     Subquery,
     Sum,
+    When,
 )
-from django.db.models.functions import Coalesce, Greatest
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast, Coalesce, Greatest
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
@@ -30,12 +37,15 @@ from apps.streams.models import (
     SOURCE_KINDS,
     DeadLetter,
     Deployment,
+    KeyedState,
     PartitionOffset,
     ScheduleTick,
     SourceKind,
     WebhookDelivery,
 )
 from apps.streams.segment import Segment, segment_summary
+from workers.operators import REGISTRY
+from workers.operators.windows import StatefulOperator
 
 # A partition's rate counts towards events/s while its worker reported within this window.
 RATE_FRESH = timedelta(seconds=15)
@@ -197,6 +207,22 @@ class PartitionRow:
     rate: float  # records/s over the worker's recent batches
     updated_at: datetime
     fresh: bool  # reported within RATE_FRESH: its rate counts towards events/s
+    # Event time up to which the partition is complete; None before its first record.
+    watermark: datetime | None
+    # How far the watermark is behind the wall clock (negative: ahead of it).
+    watermark_behind: timedelta | None
+    late: dict[str, int]  # events later than their window allowed, per window node
+
+    @property
+    def late_total(self) -> int:
+        return sum(self.late.values())
+
+    @property
+    def behind(self) -> str:
+        """ "12 s behind", "3 min behind", "2 s ahead": the watermark against the clock."""
+        if self.watermark_behind is None:
+            return ""
+        return _distance(self.watermark_behind.total_seconds())
 
 
 @dataclass(frozen=True)
@@ -244,18 +270,7 @@ def deployment_status(
     """Everything the deployment page shows; `page` is the dead letters' page number."""
     now = now or timezone.now()
     partitions = [
-        PartitionRow(
-            topic=o.topic,
-            partition=o.partition,
-            next_offset=o.next_offset,
-            high_watermark=o.high_watermark,
-            lag=o.lag,
-            records=o.records,
-            dead_letters=o.dead_letters,
-            rate=o.rate,
-            updated_at=o.updated_at,
-            fresh=o.updated_at >= now - RATE_FRESH,
-        )
+        _partition_row(o, now)
         for o in PartitionOffset.objects.filter(deployment=deployment).order_by(
             "topic", "partition"
         )
@@ -285,6 +300,25 @@ def deployment_status(
     )
 
 
+def _partition_row(offset: PartitionOffset, now: datetime) -> PartitionRow:
+    watermark = datetime_of_ms(offset.watermark_ms)
+    return PartitionRow(
+        topic=offset.topic,
+        partition=offset.partition,
+        next_offset=offset.next_offset,
+        high_watermark=offset.high_watermark,
+        lag=offset.lag,
+        records=offset.records,
+        dead_letters=offset.dead_letters,
+        rate=offset.rate,
+        updated_at=offset.updated_at,
+        fresh=offset.updated_at >= now - RATE_FRESH,
+        watermark=watermark,
+        watermark_behind=now - watermark if watermark is not None else None,
+        late=late_counts(offset.late),
+    )
+
+
 def waiting_steps(deployment: Deployment) -> list[WaitingSteps]:
     """The stream run's steps not yet settled, per node, in the graph's node order."""
     rows = (
@@ -311,3 +345,203 @@ def _last_tick(deployment: Deployment) -> datetime | None:
         return deployment.last_tick_at
     latest = ScheduleTick.objects.filter(deployment=deployment).order_by("-tick_at").first()
     return latest.tick_at if latest is not None else None
+
+
+def datetime_of_ms(ms: int | None) -> datetime | None:
+    """Epoch milliseconds as an aware UTC datetime; None for None and for a value no datetime
+    holds (past year 9999), so a stray number never breaks a page."""
+    if ms is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def late_counts(raw: object) -> dict[str, int]:
+    """A partition's `late` JSON as {node id: count} by node id, whatever else it may hold
+    left out."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(node): count
+        for node, count in sorted(raw.items())
+        if isinstance(count, int) and not isinstance(count, bool)
+    }
+
+
+def _distance(seconds: float) -> str:
+    size = abs(seconds)
+    for unit, length in (("d", 86_400), ("h", 3_600), ("min", 60)):
+        if size >= 2 * length:
+            amount = f"{round(size / length)} {unit}"
+            break
+    else:
+        amount = f"{round(size)} s"
+    return f"{amount} ahead" if seconds < 0 else f"{amount} behind"
+
+
+# -- windows and memory -------------------------------------------------------------------
+
+# A window entry's end (epoch ms) where it is a plain integer; anything else counts as none.
+_END_MS = Case(
+    When(value__end__regex=r"^-?[0-9]{1,18}$", then=Cast(KT("value__end"), BigIntegerField())),
+    default=None,
+    output_field=BigIntegerField(),
+)
+
+
+@dataclass(frozen=True)
+class StateNode:
+    """One stateful node of the deployed version (a window, a memory)."""
+
+    id: str
+    type: str
+
+
+@dataclass(frozen=True)
+class OwnerState:
+    """The state of one owner: a window node's open windows, or a memory's lists (a memory
+    node's own, or the store its nodes share), over all partitions."""
+
+    owner: str
+    nodes: list[StateNode]  # in the spec's order
+    open_entries: int  # open windows; for memory, the keys held (per partition)
+    oldest_end: datetime | None  # windows: the end of the oldest open one
+    late_by_node: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def late(self) -> int:
+        return sum(self.late_by_node.values())
+
+    @property
+    def type(self) -> str:
+        return self.nodes[0].type
+
+    @property
+    def is_window(self) -> bool:
+        return self.type.startswith("window.")
+
+    @property
+    def store(self) -> str:
+        """The shared memory store's name; "" for a node's own state."""
+        return self.owner.removeprefix("store:") if self.owner.startswith("store:") else ""
+
+
+@dataclass(frozen=True)
+class NodeStateRow:
+    """What the page shows of one stateful node."""
+
+    node: StateNode
+    state: OwnerState
+
+    @property
+    def late(self) -> int:
+        return self.state.late_by_node.get(self.node.id, 0)
+
+    @property
+    def shared_with(self) -> list[str]:
+        return [n.id for n in self.state.nodes if n.id != self.node.id]
+
+
+def stateful_nodes(spec: dict[str, Any]) -> dict[str, list[StateNode]]:
+    """The version's state owners, each with its nodes, in the spec's order: a window node
+    owns its state, a memory node its own or (with `store`) the store's it shares."""
+    owners: dict[str, list[StateNode]] = {}
+    for node in spec.get("nodes", []):
+        operator = REGISTRY.get(node.get("type", ""))
+        if isinstance(operator, StatefulOperator):
+            owner = operator.state_owner(node["id"], node.get("config", {}))
+            owners.setdefault(owner, []).append(StateNode(node["id"], node["type"]))
+    return owners
+
+
+def state_of(
+    deployment: Deployment, partitions: list[PartitionRow] | None = None
+) -> list[OwnerState]:
+    """The deployed version's state owners with what they hold: one aggregate query over the
+    keyed state (grouped by owner) and the partitions' late counts (read here unless the
+    caller has them from `deployment_status`)."""
+    owners = stateful_nodes(deployment.version.spec)
+    if not owners:
+        return []
+    if partitions is None:
+        lates = [
+            late_counts(raw)
+            for raw in PartitionOffset.objects.filter(deployment=deployment).values_list(
+                "late", flat=True
+            )
+        ]
+    else:
+        lates = [p.late for p in partitions]
+    late: Counter[str] = Counter()
+    for counts in lates:
+        late.update(counts)
+    held = {
+        row["owner"]: row
+        for row in KeyedState.objects.filter(deployment=deployment, owner__in=list(owners))
+        .values("owner")
+        .annotate(entries=Count("id"), oldest_end=Min(_END_MS))
+        .order_by()
+    }
+    return [
+        OwnerState(
+            owner=owner,
+            nodes=nodes,
+            open_entries=held[owner]["entries"] if owner in held else 0,
+            oldest_end=datetime_of_ms(held[owner]["oldest_end"]) if owner in held else None,
+            late_by_node={n.id: late[n.id] for n in nodes if late[n.id]},
+        )
+        for owner, nodes in owners.items()
+    ]
+
+
+def state_by_node(owners: list[OwnerState], spec: dict[str, Any]) -> list[NodeStateRow]:
+    """The owners' state as the page lists it: a row per stateful node, in the spec's order."""
+    order = {node.get("id"): i for i, node in enumerate(spec.get("nodes", []))}
+    rows = [NodeStateRow(node, state) for state in owners for node in state.nodes]
+    return sorted(rows, key=lambda row: order.get(row.node.id, len(order)))
+
+
+@dataclass(frozen=True)
+class StateDrop:
+    """One entry of `services.state_to_drop`, as the redeploy confirmation words it."""
+
+    owner: str
+    nodes: list[str]
+    entries: int
+    reason: str  # "config changed", "removed"
+    type: str
+
+    @property
+    def label(self) -> str:
+        """ "window 'w'", "memory 'm'", "memory store 'chat' (nodes a, b)"."""
+        if self.owner.startswith("store:"):
+            store = self.owner.removeprefix("store:")
+            return f"memory store '{store}' (nodes {', '.join(self.nodes)})"
+        kind = "window" if self.type.startswith("window.") else "memory"
+        return f"{kind} '{self.owner}'"
+
+    @property
+    def held(self) -> str:
+        """ "12 open windows", "1 key"."""
+        if self.type.startswith("window."):
+            noun = "open window" if self.entries == 1 else "open windows"
+        else:
+            noun = "key" if self.entries == 1 else "keys"
+        return f"{self.entries} {noun}"
+
+
+def drops_of(deployment: Deployment, drops: list[dict[str, Any]]) -> list[StateDrop]:
+    """`services.state_to_drop`'s entries with their nodes' type, for the page."""
+    types = {node.get("id"): node.get("type", "") for node in deployment.version.spec["nodes"]}
+    return [
+        StateDrop(
+            owner=drop["owner"],
+            nodes=list(drop["nodes"]),
+            entries=int(drop["entries"]),
+            reason=str(drop["reason"]),
+            type=str(types.get(drop["nodes"][0], "")) if drop["nodes"] else "",
+        )
+        for drop in drops
+    ]

@@ -1,12 +1,13 @@
-"""Stream deployments, their partition offsets and dead letters in the admin, read-only:
-they change only through apps.streams.services and the Kafka workers' checkpoints. The
-webhook signing secret is never shown, not even encrypted."""
+"""Stream deployments, their partition offsets, dead letters and keyed state (windows,
+memory) in the admin, read-only: they change only through apps.streams.services and the
+Kafka workers' checkpoints. The webhook signing secret is never shown, not even encrypted."""
 
 from django.contrib import admin
 from django.utils.safestring import SafeString
 
 from apps.runs.models import Run
-from apps.streams.models import DeadLetter, Deployment, PartitionOffset
+from apps.streams.access import datetime_of_ms
+from apps.streams.models import DeadLetter, Deployment, KeyedState, PartitionOffset
 from apps.tenants.admin_base import ReadOnlyAdmin, link, list_link, recent_filter
 
 
@@ -41,6 +42,8 @@ class DeploymentAdmin(ReadOnlyAdmin):
             list_link(PartitionOffset, "partition offsets", deployment__id__exact=deployment.pk)
             + " · "
             + list_link(DeadLetter, "dead letters", deployment__id__exact=deployment.pk)
+            + " · "
+            + list_link(KeyedState, "keyed state", deployment__id__exact=deployment.pk)
         )
 
 
@@ -56,11 +59,26 @@ class PartitionOffsetAdmin(ReadOnlyAdmin):
         "records",
         "dead_letters",
         "rate",
+        "watermark_at",
+        "late_total",
         "updated_at",
     ]
     list_filter = ["tenant"]
     list_select_related = ["deployment"]
     search_fields = ["topic"]
+
+    @admin.display(description="watermark (UTC)")
+    def watermark_at(self, offset: PartitionOffset) -> str:
+        watermark = datetime_of_ms(offset.watermark_ms)
+        return watermark.strftime("%Y-%m-%d %H:%M:%S") if watermark else "—"
+
+
+@admin.register(KeyedState)
+class KeyedStateAdmin(ReadOnlyAdmin):
+    list_display = ["deployment", "owner", "partition", "key", "slot", "updated_at"]
+    list_filter = ["tenant", recent_filter("updated_at")]
+    list_select_related = ["deployment"]
+    search_fields = ["owner", "key", "partition"]
 
 
 @admin.register(DeadLetter)

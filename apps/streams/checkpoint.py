@@ -73,8 +73,9 @@ class PartitionBatch:
     # written with the offset), and the results of the windows that fired.
     state: PartitionState | None = None
     fired: list[RecordOutcome] = field(default_factory=list)
-    # Relayed records taken in this batch: their outbox rows go in the same transaction.
-    relayed: list[int] = field(default_factory=list)
+    # Relayed records taken in this batch (offset -> outbox row id): their rows go in the
+    # same transaction.
+    relayed: dict[int, int] = field(default_factory=dict)
 
 
 def commit_batch(
@@ -259,7 +260,7 @@ def _take_relayed(binding: Binding, batch: PartitionBatch) -> None:
     with connection.cursor() as cursor:
         cursor.execute(
             "DELETE FROM runs_streamrelay WHERE tenant_id = %s AND id = ANY(%s)",
-            [binding.tenant_id, batch.relayed],
+            [binding.tenant_id, list(batch.relayed.values())],
         )
         if cursor.rowcount != len(batch.relayed):
             raise Fenced(f"{batch.topic}:{batch.partition}: relayed records taken elsewhere")

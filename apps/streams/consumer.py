@@ -329,12 +329,13 @@ class DeploymentConsumer:
             if relay_id not in pending:
                 continue  # taken already: a copy produced again
             pending.discard(relay_id)
+            offset = int(message.offset() or 0)
             try:
                 batch.outcomes.append(self.segment.run(record, state))
-                batch.offsets.append(int(message.offset() or 0))
+                batch.offsets.append(offset)
             except (PermanentError, SegmentError, RecursionError) as exc:
                 batch.dead.append(self._dead(batch, message, str(exc)))
-            batch.relayed.append(relay_id)
+            batch.relayed[offset] = relay_id
 
     def _fire(self, batch: PartitionBatch, state: PartitionState) -> None:
         fired, failed = self.segment.fire(state, int(time.time() * 1000))
@@ -436,6 +437,8 @@ class DeploymentConsumer:
                     batch.topic, batch.partition, read_at, offset + 1, batch.high_watermark
                 )
                 single.state = state
+                if offset in batch.relayed:
+                    single.relayed = {offset: batch.relayed[offset]}
                 if isinstance(item, DeadRecord):
                     single.dead.append(item)
                 else:
@@ -454,6 +457,7 @@ class DeploymentConsumer:
                         batch.topic, batch.partition, read_at, offset + 1, batch.high_watermark
                     )
                     refused.state = state
+                    refused.relayed = single.relayed
                     refused.dead = [_refused(batch, offset, item, exc)]
                     commit_batch(self.binding, self.segment, [refused])
                 state.committed()

@@ -339,6 +339,8 @@ ENDPOINTS: list[tuple[str, str, Any]] = [
     ("POST", "drain/", {}),
     ("POST", "redeploy/", {"version": 1}),
     ("POST", "dead-letters/{dead}/replay/", {}),
+    ("GET", "state/", None),
+    ("GET", "state/preview/?version=1", None),
 ]
 
 
@@ -421,6 +423,8 @@ def test_the_schema_documents_the_deployment_endpoints(db: None) -> None:
         "/api/deployments/{deployment_id}/redeploy/",
         "/api/deployments/{deployment_id}/dead-letters/",
         "/api/deployments/{deployment_id}/dead-letters/{dead_letter_id}/replay/",
+        "/api/deployments/{deployment_id}/state/",
+        "/api/deployments/{deployment_id}/state/preview/",
     ):
         assert documented in paths, documented
     assert "409" in paths["/api/deployments/{deployment_id}/pause/"]["post"]["responses"]

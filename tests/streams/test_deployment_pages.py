@@ -257,7 +257,9 @@ def test_the_page_shows_partitions_lag_rate_dead_letters_and_segment(
         "10",
         "0",
         "12.5",
+        "0",  # late events
     ]
+    assert "No record taken yet" in busy[1]  # no watermark: the offsets carry none
     # Newest first, each with its coordinates and a Replay button for an operator.
     assert page.index("not JSON") < page.index("older")
     assert "acme.orders:1@4" in page
@@ -587,6 +589,7 @@ def acme_targets(deployment: Deployment, dead: DeadLetter) -> dict[str, tuple[st
         "resume": ("post", url("resume", deployment), {}),
         "drain": ("post", url("drain", deployment), {}),
         "redeploy": ("post", url("redeploy", deployment), {"version": "1"}),
+        "redeploy preview": ("get", url("redeploy", deployment), {"version": "1"}),
         "replay": ("post", url("replay", deployment, dead.pk), {}),
         "deploy": ("post", reverse("streams:deploy"), {"graph": deployment.graph.slug}),
         "secret": ("post", url("secret", deployment), {}),
@@ -610,8 +613,8 @@ def state() -> dict[str, object]:
 
 
 TARGETS = [
-    "detail", "status", "pause", "resume", "drain", "redeploy", "replay", "deploy", "secret",
-    "rotate",
+    "detail", "status", "pause", "resume", "drain", "redeploy", "redeploy preview", "replay",
+    "deploy", "secret", "rotate",
 ]  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Stream deployments: list, deploy a graph (or move its deployment to another version),
 get one's status (partitions and lag, events/s, steps waiting, dead letters, where nodes
-run), pause, resume, drain, redeploy, list dead letters and replay one.
+run), pause, resume, drain, redeploy, list dead letters and replay one; the state its
+windows and memory nodes hold, and what a redeploy to another version would drop of it.
 
 Reads need runs:read and writes runs:write (an operator's role, as on the pages). A
 refusal of the services (DeploymentRefused: resume a running deployment, a source Kafka
@@ -10,7 +11,7 @@ letter is a 404, like a missing one."""
 from typing import Any
 from uuid import UUID
 
-from drf_spectacular.utils import extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -23,12 +24,14 @@ from apps.graphs.access import graph_by_slug
 from apps.graphs.models import GraphVersion, StreamGraph
 from apps.streams import services
 from apps.streams.access import (
+    OwnerState,
     dead_letter_for,
     dead_letters_of,
     deployment_for,
     deployment_status,
     deployments_with_figures,
     figures_of,
+    state_of,
     versions_of,
 )
 from apps.streams.models import DeadLetter, Deployment, DeploymentStatus, SourceKind
@@ -67,6 +70,15 @@ class PartitionSerializer(serializers.Serializer[Any]):
     dead_letters = serializers.IntegerField()
     rate = serializers.FloatField(help_text="Records per second over recent batches.")
     updated_at = serializers.DateTimeField()
+    watermark = serializers.DateTimeField(
+        allow_null=True,
+        help_text="Event time up to which the partition is complete (the latest event time"
+        " seen, less the source's max_delay_s); windows close on it. Null before a record.",
+    )
+    late = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text="Events that came after their window had closed, per window node id.",
+    )
 
 
 class WaitingStepsSerializer(serializers.Serializer[Any]):
@@ -128,6 +140,54 @@ class DeploymentCreateSerializer(serializers.Serializer[Any]):
 
 class RedeploySerializer(serializers.Serializer[Any]):
     version = serializers.IntegerField(min_value=1, max_value=MAX_NUMBER)
+
+
+class OwnerStateSerializer(serializers.Serializer[Any]):
+    owner = serializers.CharField(
+        help_text="Whose state: a window or memory node's id, or `store:<name>` for the"
+        " memory nodes sharing that store."
+    )
+    nodes = serializers.ListField(child=serializers.CharField())
+    type = serializers.CharField(help_text="window.tumbling, window.hopping, … or memory.")
+    open_entries = serializers.IntegerField(
+        help_text="Windows: the open windows; memory: the keys held. Per key and partition."
+    )
+    late = serializers.IntegerField(
+        help_text="Events that came after their window had closed, over all partitions."
+    )
+    oldest_end = serializers.DateTimeField(
+        allow_null=True, help_text="Windows: when the oldest open window ends (event time)."
+    )
+
+
+class DeploymentStateSerializer(serializers.Serializer[Any]):
+    version = serializers.IntegerField(help_text="The version deployed now.")
+    owners = OwnerStateSerializer(
+        many=True,
+        help_text="Every state owner of the deployed version, in the spec's order (a spec"
+        " has at most a few hundred nodes, so this is never paged).",
+    )
+
+
+class StatePreviewQuerySerializer(serializers.Serializer[Any]):
+    version = serializers.IntegerField(min_value=1, max_value=MAX_NUMBER)
+
+
+class StateDropSerializer(serializers.Serializer[Any]):
+    owner = serializers.CharField()
+    nodes = serializers.ListField(
+        child=serializers.CharField(), help_text="The owner's nodes in the version deployed now."
+    )
+    entries = serializers.IntegerField(help_text="Open windows or memory keys dropped.")
+    reason = serializers.ChoiceField(choices=["config changed", "removed"])
+
+
+class StatePreviewSerializer(serializers.Serializer[Any]):
+    version = serializers.IntegerField(help_text="The version previewed.")
+    drops = StateDropSerializer(
+        many=True,
+        help_text="The state redeploying to `version` drops; empty when it keeps it all.",
+    )
 
 
 class DeadLetterReplaySerializer(serializers.Serializer[Any]):
@@ -196,6 +256,8 @@ def deployment_data(request: Request, deployment: Deployment) -> dict[str, Any]:
                 "dead_letters": p.dead_letters,
                 "rate": p.rate,
                 "updated_at": p.updated_at,
+                "watermark": p.watermark,
+                "late": p.late,
             }
             for p in view.partitions
         ],
@@ -213,6 +275,25 @@ def deployment_data(request: Request, deployment: Deployment) -> dict[str, Any]:
 def _current(request: Request, deployment_id: UUID) -> Response:
     """The deployment as it is now, read again after a change."""
     return Response(deployment_data(request, deployment_for(deployment_id)))
+
+
+def owner_state_data(state: OwnerState) -> dict[str, Any]:
+    return {
+        "owner": state.owner,
+        "nodes": [node.id for node in state.nodes],
+        "type": state.type,
+        "open_entries": state.open_entries,
+        "late": state.late,
+        "oldest_end": state.oldest_end,
+    }
+
+
+def _version_of(deployment: Deployment, number: int) -> GraphVersion:
+    """One of the deployment's graph's versions; another number is a 400 naming `version`."""
+    version = versions_of(deployment).filter(number=number).first()
+    if version is None:
+        raise serializers.ValidationError({"version": [f"the graph has no version {number}"]})
+    return version
 
 
 def _version(graph: StreamGraph, number: int) -> GraphVersion:
@@ -346,14 +427,59 @@ class RedeployView(TenantAPIView):
     def post(self, request: Request, deployment_id: UUID) -> Response:
         number = valid(RedeploySerializer, request.data)["version"]
         deployment = deployment_for(deployment_id)
-        version = versions_of(deployment).filter(number=number).first()
-        if version is None:
-            raise serializers.ValidationError({"version": [f"the graph has no version {number}"]})
+        version = _version_of(deployment, number)
         try:
             services.deploy(graph=deployment.graph, version=version, actor=self.caller.actor)
         except services.DeploymentRefused as exc:
             raise Conflict(str(exc)) from None
         return _current(request, deployment_id)
+
+
+class StateView(TenantAPIView):
+    scopes = {"GET": RUNS_READ}
+
+    @extend_schema(
+        operation_id="deployments_state",
+        responses=DeploymentStateSerializer,
+        description=(
+            "What the deployed version's windows and memory nodes hold, per state owner:"
+            " open windows (memory: keys held) over all partitions, late events and the"
+            " oldest open window's end. A version with neither has no owners."
+        ),
+    )
+    def get(self, request: Request, deployment_id: UUID) -> Response:
+        deployment = deployment_for(deployment_id)
+        return Response(
+            {
+                "version": deployment.version.number,
+                "owners": [owner_state_data(state) for state in state_of(deployment)],
+            }
+        )
+
+
+class StatePreviewView(TenantAPIView):
+    scopes = {"GET": RUNS_READ}
+
+    @extend_schema(
+        operation_id="deployments_state_preview",
+        parameters=[
+            OpenApiParameter(
+                "version", int, required=True, description="A version of the deployment's graph."
+            )
+        ],
+        responses=StatePreviewSerializer,
+        description=(
+            "What redeploying to `version` would drop: the state of every window or memory"
+            " node whose id or config changes or that goes. Nothing changes; a number the"
+            " graph has no version for is a 400."
+        ),
+    )
+    def get(self, request: Request, deployment_id: UUID) -> Response:
+        deployment = deployment_for(deployment_id)
+        number = valid(StatePreviewQuerySerializer, request.query_params)["version"]
+        version = _version_of(deployment, number)
+        drops = services.state_to_drop(deployment, version)
+        return Response({"version": version.number, "drops": drops})
 
 
 class DeadLetterListView(TenantAPIView):

@@ -4,25 +4,33 @@ the graph's page), pause, resume, drain and stop, redeploy a version, replay a d
 
 Reads go through apps.streams.access (tenant-checked: 404 for missing and not yours);
 writes through apps.streams.services, for operators and above. A refusal
-(DeploymentRefused) comes back as a message on the page, never as an error page."""
+(DeploymentRefused) comes back as a message on the page, never as an error page.
+
+A redeploy that would drop state (a window or memory node changed or gone) is not done at
+once: the page shows what goes (GET redeploy/?version=N) and asks to confirm."""
 
 from collections.abc import Callable
 from uuid import UUID
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_POST
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from apps.graphs.access import graph_by_slug
+from apps.graphs.models import GraphVersion
 from apps.secrets.crypto import SecretUnreadable
 from apps.streams.access import (
     dead_letter_for,
     deployment_for,
     deployment_status,
     deployments_with_figures,
+    drops_of,
     figures_of,
+    state_by_node,
+    state_of,
     versions_of,
 )
 from apps.streams.models import Deployment, DeploymentStatus, SourceKind
@@ -33,6 +41,7 @@ from apps.streams.services import (
     pause,
     replay_dead_letter,
     resume,
+    state_to_drop,
 )
 from apps.streams.webhooks import reveal_secret, rotate_secret
 from apps.tenants.access import membership_of, require_role, tenant_member_required
@@ -61,6 +70,7 @@ def _context(request: HttpRequest, deployment: Deployment) -> dict[str, object]:
         "deployment": deployment,
         "graph": deployment.graph,
         "view": view,
+        "state": state_by_node(state_of(deployment, view.partitions), deployment.version.spec),
         "is_kafka": deployment.source_kind == SourceKind.KAFKA,
         "webhook_url": request.build_absolute_uri(view.webhook_url) if view.webhook_url else "",
         "can_operate": membership_of(request).allows(Role.OPERATOR),
@@ -152,22 +162,66 @@ def drain_view(request: HttpRequest, deployment_id: UUID) -> HttpResponse:
     return _act(request, deployment_id, act)
 
 
-@require_POST
+def _chosen_version(deployment: Deployment, raw: str) -> GraphVersion | None:
+    """The graph's version a form names, or None for anything else."""
+    # Digits only, ASCII ("²" is a digit to str.isdigit) and few of them.
+    number = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None
+    return versions_of(deployment).filter(number=number).first() if number else None
+
+
+def _is_deployed(deployment: Deployment, version: GraphVersion) -> bool:
+    return version.pk == deployment.version_id and deployment.status != DeploymentStatus.STOPPED
+
+
+@require_http_methods(["GET", "POST"])
 @tenant_member_required
 def redeploy_view(request: HttpRequest, deployment_id: UUID) -> HttpResponse:
-    def act(deployment: Deployment) -> str:
-        raw = request.POST.get("version", "")
-        # Digits only, ASCII ("²" is a digit to str.isdigit) and few of them.
-        number = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else None
-        version = versions_of(deployment).filter(number=number).first() if number else None
-        if version is None:
-            raise DeploymentRefused("choose one of the graph's versions to deploy")
-        if version.pk == deployment.version_id and deployment.status != DeploymentStatus.STOPPED:
-            return f"Version {version.number} is already deployed."
-        deploy(graph=deployment.graph, version=version, actor=request.user)
-        return f"Version {version.number} deployed."
+    """POST moves the deployment to the chosen version, unless that would drop state and the
+    form does not confirm it (confirmed against the version deployed when it was shown: if
+    another redeploy came between, what goes may differ): then it goes to GET, the page with
+    what would be dropped and a button to confirm."""
+    if request.method == "GET":
+        return _redeploy_preview(request, deployment_id)
+    require_role(request, Role.OPERATOR)
+    deployment = deployment_for(deployment_id)
+    version = _chosen_version(deployment, request.POST.get("version", ""))
+    if version is None:
+        messages.error(request, "Not done: choose one of the graph's versions to deploy")
+    elif _is_deployed(deployment, version):
+        messages.success(request, f"Version {version.number} is already deployed.")
+    elif not _confirmed(request, deployment) and state_to_drop(deployment, version):
+        preview = reverse("streams:redeploy", args=[deployment.id])
+        return redirect(f"{preview}?version={version.number}#redeploy")
+    else:
+        try:
+            deploy(graph=deployment.graph, version=version, actor=request.user)
+        except DeploymentRefused as exc:
+            messages.error(request, f"Not done: {exc}")
+        else:
+            messages.success(request, f"Version {version.number} deployed.")
+    return redirect("streams:detail", deployment_id=deployment.id)
 
-    return _act(request, deployment_id, act)
+
+def _confirmed(request: HttpRequest, deployment: Deployment) -> bool:
+    shown_with = request.POST.get("from_version", "")
+    return bool(request.POST.get("confirm")) and shown_with == str(deployment.version.number)
+
+
+def _redeploy_preview(request: HttpRequest, deployment_id: UUID) -> HttpResponse:
+    """The deployment's page with what redeploying `?version=` would drop, and (for an
+    operator) the button that confirms it. A version the graph does not have is a 404."""
+    deployment = deployment_for(deployment_id)
+    version = _chosen_version(deployment, request.GET.get("version", ""))
+    if version is None:
+        raise Http404("The graph has no such version.")
+    context = {
+        **_context(request, deployment),
+        "versions": versions_of(deployment),
+        "preview": version,
+        "preview_deployed": _is_deployed(deployment, version),
+        "drops": drops_of(deployment, state_to_drop(deployment, version)),
+    }
+    return render(request, "streams/detail.html", context)
 
 
 @require_POST
