@@ -8,6 +8,7 @@ per tenant: a tenant's topics start with its slug and a dot, and a graph may nam
 import os
 import re
 import threading
+import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -58,7 +59,8 @@ def relay_topic(tenant_slug: str, deployment_hex: str) -> str:
 
 
 def ensure_topic(name: str, partitions: int, timeout_s: float = 30.0) -> None:
-    """Creates the topic unless it exists."""
+    """Creates the topic unless it exists, and returns once each of its partitions has a
+    leader (a topic just made has none for a moment: reading its offsets fails then)."""
     admin = AdminClient({"bootstrap.servers": bootstrap_servers()})
     future = admin.create_topics([NewTopic(name, num_partitions=partitions)])[name]
     try:
@@ -66,6 +68,18 @@ def ensure_topic(name: str, partitions: int, timeout_s: float = 30.0) -> None:
     except KafkaException as exc:
         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        topic = admin.list_topics(name, timeout=timeout_s).topics.get(name)
+        if (
+            topic is not None
+            and topic.error is None
+            and topic.partitions
+            and all(p.leader >= 0 for p in topic.partitions.values())
+        ):
+            return
+        time.sleep(0.1)
+    raise KafkaUnavailable(f"topic {name}: its partitions have no leader after {timeout_s} s")
 
 
 def spec_topics(spec: dict[str, Any]) -> list[tuple[str, str, str]]:

@@ -228,15 +228,17 @@ def _check_binding(binding: Binding) -> None:
 
 def _move_offset(binding: Binding, batch: PartitionBatch) -> None:
     state = batch.state
-    marks = ""
+    marks, version = "", ""
     if state is not None:  # the watermark and late counts go with the state they made
-        marks = " watermark_ms = %s, late = %s::jsonb,"
+        marks = " watermark_ms = %s, late = %s::jsonb, state_version = state_version + 1,"
+        version = " AND state_version = %s"
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE streams_partitionoffset SET next_offset = %s,"
             " high_watermark = GREATEST(high_watermark, %s), records = records + %s,"
             f" dead_letters = dead_letters + %s, rate = %s,{marks} updated_at = now()"
-            " WHERE deployment_id = %s AND topic = %s AND partition = %s AND next_offset = %s",
+            " WHERE deployment_id = %s AND topic = %s AND partition = %s AND next_offset = %s"
+            + version,
             [
                 batch.next_offset,
                 batch.high_watermark,
@@ -248,10 +250,14 @@ def _move_offset(binding: Binding, batch: PartitionBatch) -> None:
                 batch.topic,
                 batch.partition,
                 batch.read_at,
+                *([state.version] if state is not None else []),
             ],
         )
         if cursor.rowcount != 1:
-            raise Fenced(f"{batch.topic}:{batch.partition} moved past offset {batch.read_at}")
+            raise Fenced(
+                f"{batch.topic}:{batch.partition} moved past offset {batch.read_at}, or its"
+                " state was written by another worker"
+            )
 
 
 def _take_relayed(binding: Binding, batch: PartitionBatch) -> None:
@@ -302,7 +308,8 @@ def start_offsets(
                 cursor.execute(
                     "INSERT INTO streams_partitionoffset (tenant_id, deployment_id, topic,"
                     " partition, next_offset, high_watermark, records, dead_letters, rate,"
-                    " late, updated_at) VALUES (%s, %s, %s, %s, %s, 0, 0, 0, 0, '{}', now())"
+                    " late, state_version, updated_at)"
+                    " VALUES (%s, %s, %s, %s, %s, 0, 0, 0, 0, '{}', 0, now())"
                     " ON CONFLICT (deployment_id, topic, partition) DO NOTHING",
                     [binding.tenant_id, binding.deployment_id, topic, partition, offset],
                 )

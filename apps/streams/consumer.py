@@ -72,6 +72,7 @@ IDLE_S = 0.01
 TICK_S = 0.5
 # How often a deployment with windows after steps relays those steps' outputs.
 RELAY_S = 0.2
+ENDS_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class DeploymentConsumer:
 
     def _start_offset(self, partition: TopicPartition) -> int:
         """Where a partition never read before starts, from the source's start_from."""
-        low, high = self.consumer.get_watermark_offsets(partition, timeout=10)
+        low, high = self._ends(partition)
         start_from = self.config.get("start_from", "earliest")
         if partition.topic == self.relay_topic:
             return int(low)  # every relayed record counts
@@ -191,6 +192,20 @@ class DeploymentConsumer:
             )[0]
             return int(high) if found.offset in (OFFSET_END, -1) else int(found.offset)
         return int(low)
+
+    def _ends(self, partition: TopicPartition) -> tuple[int, int]:
+        """The partition's first and next offsets. Asked while a partition's leader moves (or
+        of a topic just made) the broker says so for a moment: asked again."""
+        for attempt in range(ENDS_ATTEMPTS):
+            try:
+                low, high = self.consumer.get_watermark_offsets(partition, timeout=10)
+                return int(low), int(high)
+            except KafkaException as exc:
+                if attempt == ENDS_ATTEMPTS - 1:
+                    raise
+                log.info("%s:%s: %s; asking again", partition.topic, partition.partition, exc)
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def seek_to_held(self) -> None:
         """Read every assigned partition again from the offset PostgreSQL holds."""
@@ -538,7 +553,7 @@ class KafkaWorker:
                 waits = consumer.busy or len(consumers) == 1
                 # As a Celery task does: the deployment's tenant scopes every query.
                 with tenant_context(consumer.deployed.tenant):
-                    taken += consumer.poll(POLL_S if waits else 0.0)
+                    taken += self._poll(consumer, POLL_S if waits else 0.0)
             if not consumers:
                 time.sleep(POLL_S)
             elif taken == 0 and len(consumers) > 1:
@@ -554,6 +569,22 @@ class KafkaWorker:
             for consumer in self.consumers.values():
                 consumer.close()
             self.consumers.clear()
+            return 0
+
+    def _poll(self, consumer: DeploymentConsumer, timeout: float) -> int:
+        try:
+            return consumer.poll(timeout)
+        except DatabaseError:
+            raise  # every consumer starts again (turn)
+        except Exception:
+            # The broker refused something this consumer's client could not take in its
+            # stride (raised through a rebalance callback, say), or a bug: nothing of the
+            # batch in hand was committed. This deployment's consumer starts afresh at the
+            # next reconcile, from PostgreSQL's offsets; other tenants' deployments go on.
+            log.exception("deployment %s: consumer failed; rejoining", consumer.deployed.id)
+            consumer.close()
+            self.consumers.pop(consumer.deployed.id, None)
+            self.reconciled_at = 0.0
             return 0
 
     def reconcile(self) -> None:

@@ -94,6 +94,10 @@ class PartitionOffset(TenantModel):
     watermark_ms = models.BigIntegerField(null=True, blank=True)
     # Events later than their window allowed, per window node: {"node id": count}.
     late = models.JSONField(default=dict, blank=True)
+    # Moved by every commit that writes this partition's window or memory state, even one
+    # that takes no record (windows fired as the partition idles): a worker that has lost
+    # the partition cannot write over the state the new owner loaded (compare and set).
+    state_version = models.BigIntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta(TenantModel.Meta):

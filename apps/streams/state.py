@@ -29,9 +29,16 @@ class PartitionState:
     """Entries of every stateful node of one deployment in one partition."""
 
     def __init__(
-        self, label: str, watermark_ms: int | None, late: dict[str, int], entries: Entries
+        self,
+        label: str,
+        watermark_ms: int | None,
+        late: dict[str, int],
+        entries: Entries,
+        version: int = 0,
     ) -> None:
         self.label = label  # "<topic>:<partition>"
+        # PartitionOffset.state_version this state was loaded at (or last committed).
+        self.version = version
         self.watermark_ms = watermark_ms
         self.late = dict(late)
         self.entries = entries
@@ -123,6 +130,7 @@ class PartitionState:
     def committed(self) -> None:
         self.dirty.clear()
         self.moved = False
+        self.version += 1
 
 
 class NodeView:
@@ -163,16 +171,16 @@ def load(
 ) -> dict[tuple[str, int], PartitionState]:
     """The committed state of these partitions (a partition never read: empty)."""
     labels = {label(topic, partition): (topic, partition) for topic, partition in partitions}
-    marks: dict[str, tuple[int | None, dict[str, int]]] = {}
+    marks: dict[str, tuple[int | None, dict[str, int], int]] = {}
     entries: dict[str, Entries] = {name: {} for name in labels}
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT topic, partition, watermark_ms, late FROM streams_partitionoffset"
-            " WHERE deployment_id = %s AND tenant_id = %s",
+            "SELECT topic, partition, watermark_ms, late, state_version"
+            " FROM streams_partitionoffset WHERE deployment_id = %s AND tenant_id = %s",
             [deployment_id, tenant_id],
         )
-        for topic, partition, watermark_ms, late in cursor.fetchall():
-            marks[label(topic, partition)] = (watermark_ms, _json(late) or {})
+        for topic, partition, watermark_ms, late, version in cursor.fetchall():
+            marks[label(topic, partition)] = (watermark_ms, _json(late) or {}, version)
         cursor.execute(
             "SELECT partition, owner, key, slot, value FROM streams_keyedstate"
             " WHERE deployment_id = %s AND tenant_id = %s AND partition = ANY(%s)",
@@ -180,10 +188,11 @@ def load(
         )
         for name, owner, key, slot, value in cursor.fetchall():
             entries[name].setdefault(owner, {}).setdefault(key, {})[slot] = _json(value)
-    return {
-        tp: PartitionState(name, *marks.get(name, (None, {})), entries[name])
-        for name, tp in labels.items()
-    }
+    states = {}
+    for name, tp in labels.items():
+        watermark_ms, late, version = marks.get(name, (None, {}, 0))
+        states[tp] = PartitionState(name, watermark_ms, late, entries[name], version)
+    return states
 
 
 def write(deployment_id: UUID, tenant_id: int, state: PartitionState) -> None:

@@ -19,6 +19,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name="partitionoffset",
+            name="state_version",
+            field=models.BigIntegerField(default=0),
+        ),
+        migrations.AddField(
+            model_name="partitionoffset",
             name="watermark_ms",
             field=models.BigIntegerField(blank=True, null=True),
         ),
