@@ -180,6 +180,13 @@ ENDPOINTS = [
     Endpoint(
         "deployment-dead-letters", "GET", "/api/deployments/{deployment}/dead-letters/", RUNS_READ
     ),
+    Endpoint("deployment-state", "GET", "/api/deployments/{deployment}/state/", RUNS_READ),
+    Endpoint(
+        "deployment-state-preview",
+        "GET",
+        "/api/deployments/{deployment}/state/preview/?version=2",
+        RUNS_READ,
+    ),
     Endpoint(
         "deployment-dead-letter-replay",
         "POST",
