@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from apps.graphs.validation import SpecInvalid, check_spec
 from apps.streams.segment import Record, Segment, SegmentError
 from apps.streams.state import PartitionState
 
@@ -202,3 +203,47 @@ def test_a_window_result_a_later_node_fails_on_becomes_a_dead_letter() -> None:
     fired, failed = segment.fire(state, 0)
     assert fired == [] and len(failed) == 1
     assert "nothing_here" in failed[0].error and failed[0].payload["count"] == 1
+
+
+@pytest.mark.parametrize(
+    ("source_node", "node", "problem"),
+    [
+        (
+            {"id": "in", "type": "source.webhook"},
+            {"id": "w", "type": "window.tumbling", "config": {"size_s": 10}},
+            "runs in stream deployments that start with source.kafka",
+        ),
+        (
+            {"id": "in", "type": "source.manual"},
+            {"id": "m", "type": "memory", "config": {"op": "read"}},
+            "runs in stream deployments that start with source.kafka",
+        ),
+        (
+            {"id": "in", "type": "source.kafka", "config": {"topics": ["t.in"]}},
+            {"id": "w", "type": "window.hopping", "config": {"size_s": 5, "step_s": 10}},
+            "must not be larger than size_s",
+        ),
+        (
+            {"id": "in", "type": "source.kafka", "config": {"topics": ["t.in"]}},
+            {"id": "w", "type": "window.session",
+             "config": {"gap_s": 5, "aggregate": {"op": "avg"}}},
+            "aggregate.field: is required for avg",
+        ),
+        (
+            {"id": "in", "type": "source.kafka", "config": {"topics": ["t.in"]}},
+            {"id": "w", "type": "window.tumbling", "config": {"size_s": 0}},
+            "size_s",
+        ),
+        (
+            {"id": "in", "type": "source.kafka", "config": {"topics": ["t.in"]}},
+            {"id": "w", "type": "window.tumbling", "config": {"size_s": 5, "key": "{{ x"}},
+            "key",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_window_and_memory_nodes_are_refused_on_save(
+    source_node: dict, node: dict, problem: str
+) -> None:
+    with pytest.raises(SpecInvalid) as refused:
+        check_spec({"nodes": [source_node, node], "edges": [["in", node["id"]]]})
+    assert problem in str(refused.value)
