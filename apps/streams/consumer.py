@@ -352,8 +352,8 @@ class DeploymentConsumer:
                 batch.dead.append(self._dead(batch, message, str(exc)))
             batch.relayed[offset] = relay_id
 
-    def _fire(self, batch: PartitionBatch, state: PartitionState) -> None:
-        fired, failed = self.segment.fire(state, int(time.time() * 1000))
+    def _fire(self, batch: PartitionBatch, state: PartitionState, *, drain: bool = False) -> None:
+        fired, failed = self.segment.fire(state, int(time.time() * 1000), drain=drain)
         batch.fired += fired
         batch.dead += [fired_dead(batch.topic, batch.partition, f) for f in failed]
 
@@ -505,7 +505,34 @@ class DeploymentConsumer:
         marks = {tp: high for tp in self.positions if (high := self._cached_high(tp)) > 0}
         note_high_watermarks(self.binding, marks)
         if self.deployed.status == DeploymentStatus.DRAINING:
+            self._close_drained_windows(marks)
             finish_drain(self.binding.deployment_id, self.binding.tenant_id)
+
+    def _close_drained_windows(self, marks: dict[tuple[str, int], int]) -> None:
+        """A draining deployment's partitions read to their end fire their open windows:
+        nothing more will come to close them (finish_drain waits for this)."""
+        batches = []
+        for tp, state in self.states.items():
+            position = self.positions.get(tp)
+            if position is None or position < marks.get(tp, 0):
+                continue
+            batch = PartitionBatch(tp[0], tp[1], position, position, marks.get(tp, 0))
+            batch.state = state
+            self._fire(batch, state, drain=True)
+            if batch.fired or batch.dead or state.dirty:
+                batches.append(batch)
+        if not batches:
+            return
+        try:
+            deliveries = send_produced([o for batch in batches for o in batch.fired])
+            commit_batch(self.binding, self.segment, batches, before_commit=deliveries.wait)
+        except (Fenced, kafka.DeliveryFailed) as exc:
+            log.info("deployment %s: drain refused (%s)", self.deployed.id, exc)
+            self.seek_to_held()
+            return
+        for batch in batches:
+            if batch.state is not None:
+                batch.state.committed()
 
     def close(self) -> None:
         try:

@@ -7,7 +7,9 @@ from django.db import transaction
 
 from apps.audit.services import Actor, record
 from apps.runs import engine
-from apps.streams.models import Deployment, DeploymentStatus, PartitionOffset
+from apps.streams.models import Deployment, DeploymentStatus, KeyedState, PartitionOffset
+from workers.operators import REGISTRY
+from workers.operators.windows import WindowOperator
 
 
 def finish_drain(deployment_id: UUID, tenant_id: int) -> bool:
@@ -15,7 +17,7 @@ def finish_drain(deployment_id: UUID, tenant_id: int) -> bool:
     with transaction.atomic():
         deployment = (
             Deployment.unscoped_all_tenants.select_for_update()
-            .select_related("tenant", "run")
+            .select_related("tenant", "run", "version")
             .filter(id=deployment_id, tenant_id=tenant_id)
             .first()
         )
@@ -23,10 +25,22 @@ def finish_drain(deployment_id: UUID, tenant_id: int) -> bool:
             return False
         offsets = PartitionOffset.unscoped_all_tenants.filter(deployment_id=deployment_id)
         behind = [o for o in offsets if o.next_offset < o.high_watermark]
-        if behind or not offsets:
+        if behind or not offsets or _windows_open(deployment):
             return False
         stop_deployment(deployment, actor=None, action="deployment.drained")
     return True
+
+
+def _windows_open(deployment: Deployment) -> bool:
+    """Windows not fired yet: the workers holding their partitions close them first."""
+    windows = [
+        node["id"]
+        for node in deployment.version.spec["nodes"]
+        if isinstance(REGISTRY.get(node["type"]), WindowOperator)
+    ]
+    return bool(windows) and (
+        KeyedState.unscoped_all_tenants.filter(deployment=deployment, owner__in=windows).exists()
+    )
 
 
 def stop_deployment(deployment: Deployment, *, actor: Actor, action: str) -> None:

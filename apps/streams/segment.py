@@ -260,10 +260,11 @@ class Segment:
         return [(node_id, "out", operator.apply(config, view, key, record.event_ms, payload))]
 
     def fire(
-        self, state: "PartitionState", now_ms: int
+        self, state: "PartitionState", now_ms: int, *, drain: bool = False
     ) -> tuple[list[RecordOutcome], list[FiredError]]:
-        """The windows of this partition the watermark has closed (and early results due),
-        run through the nodes after them; memory entries past their TTL go."""
+        """The windows of this partition the watermark has closed (and early results due;
+        with `drain`, every open window), run through the nodes after them; memory entries
+        past their TTL go."""
         outcomes: list[RecordOutcome] = []
         failed: list[FiredError] = []
         for node_id, operator in self.stateful.items():
@@ -273,7 +274,7 @@ class Segment:
                 continue
             assert isinstance(operator, WindowOperator)
             config = self.nodes[node_id].get("config", {})
-            for fired in operator.fire(config, view, node_id, now_ms):
+            for fired in operator.fire(config, view, node_id, now_ms, drain=drain):
                 record = self.fired_record(node_id, fired)
                 try:
                     outcomes.append(self._run(record, state))

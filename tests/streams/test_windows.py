@@ -345,3 +345,42 @@ def test_a_window_after_an_llm_step_counts_each_output_once(
         assert row["summary"] == "".join(tokens_for(prompt, 6))
     with tenant_context(world.acme):
         assert not StreamRelay.objects.filter(run=deployment.run).exists()
+
+
+def test_a_drain_fires_the_open_windows_before_it_stops(
+    world: World, stream_platform: Platform, kafka_bootstrap: str
+) -> None:
+    sales = topic("sales", 2, kafka_bootstrap)
+    spec = {
+        "nodes": [
+            source(sales, idle_timeout_s=600),
+            {"id": "w", "type": "window.tumbling", "config": {"size_s": 60}},
+            table("w_rows", "drained"),
+        ],
+        "edges": [["in", "w"], ["w", "w_rows"]],
+    }
+    deployment = deploy(world, "sales", spec)
+    stream_platform.start_kafka_worker("kafka-d")
+    sent = [(i % 2, f"s{i % 2}", {"ts": at(i)}) for i in range(5)]
+    send_to_partitions(kafka_bootstrap, sales, sent)
+
+    def taken() -> bool:
+        with tenant_context(world.acme):
+            return (
+                sum(o.records for o in PartitionOffset.objects.filter(deployment=deployment)) == 5
+            )
+
+    wait_for(taken, 60, "the sales")
+    assert rows(world, "drained") == []  # the watermark is far from the windows' end
+    with tenant_context(world.acme):
+        services.drain(deployment, actor=world.owner)
+
+    def stopped() -> bool:
+        with tenant_context(world.acme):
+            return Deployment.objects.get(pk=deployment.pk).status == "stopped"
+
+    wait_for(stopped, 60, "the drain to finish")
+    assert windows(rows(world, "drained"), "count", "drained") == [
+        ("s0", 0, 60, 3, True),
+        ("s1", 0, 60, 2, True),
+    ]

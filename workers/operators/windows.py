@@ -240,16 +240,20 @@ class WindowOperator(StatefulOperator):
         """Puts the event into its open windows; False when it is late for all of them."""
         raise NotImplementedError
 
-    def fire(self, config: JSON, state: NodeState, node_id: str, now_ms: int) -> list[Fired]:
+    def fire(
+        self, config: JSON, state: NodeState, node_id: str, now_ms: int, *, drain: bool = False
+    ) -> list[Fired]:
         """Removes and returns the windows the watermark has closed, oldest first; open ones
-        updated since their last early result get one when `early_every_s` has passed."""
+        updated since their last early result get one when `early_every_s` has passed.
+        `drain`: the deployment is draining and its partition is read to the end: every
+        window closes now, marked `drained`."""
         closed: list[tuple[int, str, str, JSON]] = []
         early: list[tuple[str, str, JSON]] = []
         watermark = state.watermark_ms
         lateness = self.lateness_ms(config)
         early_ms = round(float(config.get("early_every_s", 0)) * 1000)
         for key, slot, window in state.entries():
-            if watermark is not None and window["end"] + lateness <= watermark:
+            if drain or (watermark is not None and window["end"] + lateness <= watermark):
                 closed.append((window["end"], key, slot, window))
             elif (
                 early_ms
@@ -261,7 +265,13 @@ class WindowOperator(StatefulOperator):
         fired = []
         for _end, key, slot, window in sorted(closed, key=lambda item: (item[0], item[1])):
             state.delete(key, slot)
-            fired.append(self._fired(aggregate, state, node_id, key, window, early=False))
+            result = self._fired(aggregate, state, node_id, key, window, early=False)
+            if drain:  # its own origin: the same window may open again after a redeploy
+                result = Fired(
+                    key, {**result.payload, "drained": True}, result.event_time_ms,
+                    f"{result.origin}/drained"[:300],
+                )  # fmt: skip
+            fired.append(result)
         for key, slot, window in early:
             state.put(key, slot, {**window, "changed": False, "early_at": now_ms})
             fired.append(self._fired(aggregate, state, node_id, key, window, early=True))
