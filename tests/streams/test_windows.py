@@ -203,7 +203,7 @@ def test_windows_and_memory_fire_once_across_kills_and_a_rebalance(
     wait_for(lambda: len(rows(world, "counts")) >= len(expected), 120, "every window")
     time.sleep(1)  # a window fired twice would show up by now
 
-    found = Counter()
+    found: Counter[tuple[str, int]] = Counter()
     for row in rows(world, "counts"):
         start = int(datetime.fromisoformat(row["start"]).timestamp() * 1000)
         found[(row["key"], start)] += row["count"]
