@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from bench import batching, chain, chaos, ingest, kafka, overhead, storm, stream, zombie
+from bench import batching, chain, chaos, ingest, kafka, overhead, storm, stream, windows, zombie
 
 BENCHMARKS = {
     "chain": chain.main,
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "ingest": ingest.main,
     "storm": storm.main,
     "kafka": kafka.main,
+    "windows": windows.main,
 }
 # Sizes only the stream benchmark takes; the others have --quick and their full size.
 STREAM_OPTIONS = ("clients", "rate", "seconds")
