@@ -267,7 +267,7 @@ class DeploymentConsumer:
             return 0
         try:
             # Sent now, acknowledged by the time the transaction commits (its last act).
-            deliveries = send_produced([o for batch in batches for o in batch.outcomes])
+            deliveries = send_produced([o for b in batches for o in (*b.outcomes, *b.fired)])
             commit_batch(self.binding, self.segment, batches, before_commit=deliveries.wait)
         except (Fenced, kafka.DeliveryFailed) as exc:
             log.info("deployment %s: batch refused (%s); reading again", self.deployed.id, exc)

@@ -3,6 +3,7 @@ before a window): known answers for out-of-order and late input, exactly once ac
 SIGKILLs and a rebalance, idle partitions, redeploys that keep or drop state, and a window
 fed by an LLM step through the relay topic."""
 
+import json
 import random
 import time
 import uuid
@@ -20,7 +21,7 @@ from apps.streams.models import Deployment, KeyedState, PartitionOffset
 from apps.tenants.context import tenant_context
 from tests.conftest import World
 from tests.harness.platform import Platform
-from tests.harness.streams import create_topics, send_to_partitions, wait_for
+from tests.harness.streams import TopicReader, create_topics, send_to_partitions, wait_for
 from workers.inference.simulated import tokens_for
 from workers.queues import CPU_WORKER_QUEUES
 
@@ -87,6 +88,7 @@ def test_out_of_order_and_late_events_give_the_known_windows(
     world: World, stream_platform: Platform, kafka_bootstrap: str
 ) -> None:
     readings = topic("readings", 1, kafka_bootstrap)
+    out = topic("tumbled", 1, kafka_bootstrap)
     spec = {
         "nodes": [
             source(readings, max_delay_s=1, idle_timeout_s=600),
@@ -100,11 +102,12 @@ def test_out_of_order_and_late_events_give_the_known_windows(
                 "op": "append", "key": "{{ k }}", "field": "n"}},
             table("t_rows", "tumbling"), table("h_rows", "hopping"), table("s_rows", "sessions"),
             table("late_rows", "late"), table("m_rows", "memory"),
+            {"id": "t_out", "type": "sink.kafka", "config": {"topic": out}},
         ],
         "edges": [
             ["in", "tumble"], ["in", "hop"], ["in", "sess"], ["in", "hist"],
             ["tumble", "t_rows"], ["hop", "h_rows"], ["sess", "s_rows"], ["hist", "m_rows"],
-            ["tumble", "late_rows", "late"],
+            ["tumble", "late_rows", "late"], ["tumble", "t_out"],
         ],
     }  # fmt: skip
     deployment = deploy(world, "readings", spec)
@@ -131,6 +134,13 @@ def test_out_of_order_and_late_events_give_the_known_windows(
         ("a", 0, 10, 4, 23), ("a", 10, 20, 2, 40), ("b", 0, 10, 1, 10), ("b", 20, 30, 1, 1),
     ]  # fmt: skip
     assert [row["n"] for row in rows(world, "late")] == [64]
+    # The same results on a Kafka topic, keyed by the window's key, each once.
+    reader = TopicReader(kafka_bootstrap, out)
+    reader.read_until(4, 30)
+    produced = [json.loads(r.value) for r in reader.distinct().values()]
+    assert windows(produced, "count", "sum") == windows(rows(world, "tumbling"), "count", "sum")
+    assert sorted(r.key or "" for r in reader.distinct().values()) == ["a", "a", "b", "b"]
+    reader.close()
     assert windows(rows(world, "hopping"), "count") == [
         ("a", -5, 5, 1), ("a", 0, 10, 3), ("a", 5, 15, 5), ("a", 10, 20, 2),
         ("b", -5, 5, 1), ("b", 0, 10, 1), ("b", 20, 30, 1), ("b", 25, 35, 1),
