@@ -153,6 +153,11 @@ class Segment:
             for node_id in sorted(self.inside)
             if isinstance(operator := REGISTRY[self.nodes[node_id]["type"]], StatefulOperator)
         }
+        # Per stateful node, what each record needs: (operator, config, state owner).
+        self._plans = {
+            node_id: (operator, self.nodes[node_id].get("config", {}), self.owner(node_id))
+            for node_id, operator in self.stateful.items()
+        }
         config = self.source.get("config", {})
         self.max_delay_ms = round(float(config.get("max_delay_s", 0)) * 1000)
         self.idle_timeout_s = float(config.get("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S))
@@ -247,10 +252,9 @@ class Segment:
     ) -> list[tuple[str, str, JSON]]:
         if state is None:
             raise SegmentError(node_id, "windows and memory run only on a Kafka worker")
-        operator = self.stateful[node_id]
-        config = self.nodes[node_id].get("config", {})
-        key = event_key(config, payload, record.key)
-        view = state.node(self.owner(node_id))
+        operator, config, owner = self._plans[node_id]
+        key = event_key(config, payload, record.key) if "key" in config else record.key
+        view = state.node(owner)
         if isinstance(operator, WindowOperator):
             if operator.add(config, view, key, record.event_ms, payload):
                 return []

@@ -23,6 +23,7 @@ from workers.operators.base import JSON
 
 Entries = dict[str, dict[str, dict[str, JSON]]]  # owner -> key -> slot -> value
 _MISSING = object()
+_LATE = "\x00late"  # a journal entry's owner for a late count (no owner is named so)
 
 
 class PartitionState:
@@ -45,34 +46,43 @@ class PartitionState:
         # Changed since the last commit: written by the next one.
         self.dirty: set[tuple[str, str, str]] = set()
         self.moved = False  # the watermark or the late counts changed
+        # A record's changes so far, to undo it: (owner, key, slot, previous value), or
+        # (LATE, node id, "", None) for a late count.
         self._journal: list[tuple[str, str, str, Any]] | None = None
-        self._before: tuple[int | None, dict[str, int]] | None = None
+        self._watermark_before: int | None = None
+        self._views: dict[str, NodeView] = {}
         # The wall clock of the last record taken (monotonic): idle partitions move on.
         self.last_record_at = time.monotonic()
 
     def node(self, owner: str) -> "NodeView":
-        return NodeView(self, owner)
+        view = self._views.get(owner)
+        if view is None:
+            view = self._views[owner] = NodeView(self, owner)
+        return view
 
     # -- one record ------------------------------------------------------------------------
 
     def begin_record(self) -> None:
         self._journal = []
-        self._before = (self.watermark_ms, dict(self.late))
+        self._watermark_before = self.watermark_ms
 
     def undo_record(self) -> None:
         for owner, key, slot, old in reversed(self._journal or []):
-            self._set(owner, key, slot, old)
-        if self._before is not None:
-            self.watermark_ms, self.late = self._before
+            if owner == _LATE:
+                self.late[key] -= 1
+            else:
+                self._set(owner, key, slot, old)
+        self.watermark_ms = self._watermark_before
         self.end_record()
 
     def end_record(self) -> None:
         self._journal = None
-        self._before = None
 
     def count_late(self, node_id: str) -> None:
         self.late[node_id] = self.late.get(node_id, 0) + 1
         self.moved = True
+        if self._journal is not None:
+            self._journal.append((_LATE, node_id, "", None))
 
     def advance(self, watermark_ms: int) -> bool:
         """Moves the watermark forward (never back); True when it moved."""
