@@ -17,7 +17,17 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from apps.audit.models import AuditEntry
-from apps.runs.models import Effect, Event, FanIn, FanInArrival, ResultRow, Run, Step, Usage
+from apps.runs.models import (
+    Effect,
+    Event,
+    FanIn,
+    FanInArrival,
+    ResultRow,
+    Run,
+    Step,
+    StreamRelay,
+    Usage,
+)
 from apps.tenants.admin_base import (
     SHOWN,
     ReadOnlyAdmin,
@@ -353,6 +363,16 @@ class FanInAdmin(ReadOnlyAdmin):
 class FanInArrivalAdmin(ReadOnlyAdmin):
     list_display = ["id", "fanin", "event"]
     list_select_related = ["fanin", "event"]
+
+
+@admin.register(StreamRelay)
+class StreamRelayAdmin(ReadOnlyAdmin):
+    """Step outputs on their way back into a stream segment (a window after an LLM): a row
+    lingering unsent means no Kafka worker runs the deployment."""
+
+    list_display = ["id", "run", "node_id", "key", "event_time", "sent_at", "created_at"]
+    list_filter = ["tenant"]
+    list_select_related = ["run"]
 
 
 @admin.register(ResultRow)
