@@ -120,6 +120,8 @@ def write_outcomes(
     rows: list[ResultRow] = []
     source_node = str(segment.source["id"])
     for outcome in outcomes:
+        if outcome.absorbed:
+            continue
         record = outcome.record
         at = record.at or (source_node, "out")
         if record.event_id is not None:  # relayed: a step's output, stored already

@@ -102,6 +102,9 @@ class RecordOutcome:
     exits: list[Exit] = field(default_factory=list)
     rows: list[tuple[str, JSON, str]] = field(default_factory=list)  # (table, row, effect key)
     produce: list[Produce] = field(default_factory=list)
+    # The record went into windows or memory and nowhere else: nothing refers to an event of
+    # it, so none is stored (Kafka keeps the record at its origin; the state, what it added).
+    absorbed: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,10 @@ class Segment:
                 if total_visits > MAX_VISITS:
                     raise SegmentError(target, f"more than {MAX_VISITS} node visits")
                 pending += self._visit(target, payload, outcome, visits, state)
+        if outcome.absorbed and record.at is None:
+            outcome.absorbed = not (outcome.exits or outcome.rows or outcome.produce)
+        else:
+            outcome.absorbed = False
         return outcome
 
     def _visit(
@@ -238,6 +245,7 @@ class Segment:
     ) -> list[tuple[str, str, JSON]]:
         try:
             if node_id in self.stateful:
+                outcome.absorbed = True  # unless it also goes somewhere (_run decides)
                 return self._run_stateful(node_id, payload, outcome.record, state)
             return self._run_node(node_id, payload, outcome, visits[node_id])
         except PermanentError as exc:

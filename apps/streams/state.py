@@ -45,6 +45,15 @@ class PartitionState:
         self.entries = entries
         # Changed since the last commit: written by the next one.
         self.dirty: set[tuple[str, str, str]] = set()
+        # The entries PostgreSQL holds: one made and removed between two commits (a window
+        # opened and fired in one batch) never goes there at all.
+        self.persisted: set[tuple[str, str, str]] = {
+            (owner, key, slot)
+            for owner, keys in entries.items()
+            for key, slots in keys.items()
+            for slot in slots
+        }
+        self._written: tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]] = ([], [])
         self.moved = False  # the watermark or the late counts changed
         # A record's changes so far, to undo it: (owner, key, slot, previous value), or
         # (LATE, node id, "", None) for a late count.
@@ -131,13 +140,19 @@ class PartitionState:
         deletes: list[tuple[str, str, str]] = []
         for owner, key, slot in self.dirty:
             value = self.entries.get(owner, {}).get(key, {}).get(slot)
-            if value is None:
-                deletes.append((owner, key, slot))
-            else:
+            if value is not None:
                 upserts.append((owner, key, slot, value))
+            elif (owner, key, slot) in self.persisted:
+                deletes.append((owner, key, slot))
+        self._written = ([(o, k, s) for o, k, s, _v in upserts], deletes)
         return upserts, deletes
 
     def committed(self) -> None:
+        """The last changes() are in PostgreSQL now."""
+        written, deleted = self._written
+        self.persisted.update(written)
+        self.persisted.difference_update(deleted)
+        self._written = ([], [])
         self.dirty.clear()
         self.moved = False
         self.version += 1
@@ -206,35 +221,31 @@ def load(
 
 
 def write(deployment_id: UUID, tenant_id: int, state: PartitionState) -> None:
-    """The partition's changed entries, in the caller's transaction (the batch's)."""
+    """The partition's changed entries, in the caller's transaction (the batch's). Each
+    list goes as one JSON parameter: psycopg adapts a text array element by element in
+    Python, a JSON string at once (bench windows)."""
     upserts, deletes = state.changes()
     with connection.cursor() as cursor:
         if deletes:
             cursor.execute(
-                "DELETE FROM streams_keyedstate AS s USING unnest(%s::text[], %s::text[],"
-                " %s::text[]) AS d(owner, key, slot) WHERE s.deployment_id = %s"
-                " AND s.partition = %s AND s.owner = d.owner AND s.key = d.key"
-                " AND s.slot = d.slot",
-                [*_columns(deletes, 3), deployment_id, state.label],
+                "DELETE FROM streams_keyedstate AS s USING jsonb_array_elements(%s::jsonb) AS d"
+                " WHERE s.deployment_id = %s AND s.partition = %s AND s.owner = d->>0"
+                " AND s.key = d->>1 AND s.slot = d->>2",
+                [_dumps(deletes), deployment_id, state.label],
             )
         if upserts:
-            owners, keys, slots = _columns(upserts, 3)
-            values = [
-                json.dumps(value, separators=(",", ":"), default=str) for *_, value in upserts
-            ]
             cursor.execute(
                 "INSERT INTO streams_keyedstate (tenant_id, deployment_id, partition, owner,"
-                " key, slot, value, updated_at) SELECT %s, %s, %s, u.owner, u.key, u.slot,"
-                " u.value::jsonb, now() FROM unnest(%s::text[], %s::text[], %s::text[],"
-                " %s::text[]) AS u(owner, key, slot, value)"
+                " key, slot, value, updated_at) SELECT %s, %s, %s, u->>0, u->>1, u->>2, u->3,"
+                " now() FROM jsonb_array_elements(%s::jsonb) AS u"
                 " ON CONFLICT (deployment_id, owner, partition, key, slot)"
                 " DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
-                [tenant_id, deployment_id, state.label, owners, keys, slots, values],
+                [tenant_id, deployment_id, state.label, _dumps(upserts)],
             )
 
 
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    return [[row[i] for row in rows] for i in range(width)]
+def _dumps(rows: Sequence[tuple[Any, ...]]) -> str:
+    return json.dumps(rows, separators=(",", ":"), default=str)
 
 
 def _json(value: Any) -> Any:
