@@ -247,3 +247,15 @@ def test_bad_window_and_memory_nodes_are_refused_on_save(
     with pytest.raises(SpecInvalid) as refused:
         check_spec({"nodes": [source_node, node], "edges": [["in", node["id"]]]})
     assert problem in str(refused.value)
+
+
+def test_a_record_that_only_feeds_state_is_absorbed() -> None:
+    window = {"id": "w", "type": "window.tumbling", "config": {"size_s": 10}}
+    segment = Segment(spec(window), scope="s")
+    state = PartitionState("t.in:0", None, {}, {})
+    assert segment.run(record(0, "a", 20), state).absorbed
+    # Late: it goes on to the late port's table, so its event is kept for the row's lineage.
+    late = segment.run(record(1, "a", 1), state)
+    assert not late.absorbed and late.rows
+    fired, _ = segment.fire(state, 0)
+    assert fired == []  # nothing closed: [20, 30) is still open

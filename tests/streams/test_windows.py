@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from apps.graphs.services import save_version
-from apps.runs.models import ResultRow, StreamRelay
+from apps.runs.models import Event, ResultRow, StreamRelay
 from apps.streams import services
 from apps.streams.models import Deployment, KeyedState, PartitionOffset
 from apps.tenants.context import tenant_context
@@ -224,6 +224,10 @@ def test_windows_and_memory_fire_once_across_kills_and_a_rebalance(
             s.key: s.value["items"]
             for s in KeyedState.objects.filter(deployment=deployment, owner="seen")
         }
+        # The records went only into state: no event of theirs is stored; each window's is.
+        events = Event.objects.filter(run=deployment.run)
+        assert not events.filter(node_id="in").exists()
+        assert events.filter(node_id="w").count() == len(expected)
     for key_index in range(keys):
         key = f"k{key_index}"
         assert memory[key] == [r["i"] for _p, k, r in records if k == key]
