@@ -182,7 +182,8 @@ class KafkaSink(Operator):
         self, config: JSON, payload: JSON, event_key: str = ""
     ) -> tuple[bytes | None, bytes]:
         """The (key, value) this payload becomes."""
-        variables = template_variables(payload)
+        templated = "key" in config or "value" in config
+        variables = template_variables(payload) if templated else payload
         key = render(config["key"], variables).encode() if "key" in config else None
         if key is None and event_key:
             key = event_key.encode()

@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, ClassVar, Protocol
 
 from workers.operators.base import (
@@ -97,7 +98,9 @@ class Fired:
     origin: str
 
 
+@lru_cache(maxsize=4096)
 def iso(ms: int) -> str:
+    """Cached: a tumbling window's bounds are the same for every key."""
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
 
 
