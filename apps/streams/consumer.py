@@ -104,12 +104,21 @@ class Deployed:
         )
 
 
-def active_kafka_deployments() -> dict[UUID, Deployed]:
-    """Every tenant's: the worker serves the whole installation, as Celery workers do."""
+def active_kafka_deployments() -> dict[UUID, tuple[int, str]]:
+    """Every tenant's (the worker serves the whole installation, as Celery workers do): id
+    -> (version, status). Asked every second: the versions' specs are read only when a
+    consumer is made (deployed)."""
     rows = Deployment.unscoped_all_tenants.filter(
         source_kind=SourceKind.KAFKA, status__in=ACTIVE_DEPLOYMENT_STATUSES
-    ).select_related("version", "run", "tenant")
-    return {row.id: Deployed.of(row) for row in rows}
+    ).values_list("id", "version_id", "status")
+    return {deployment_id: (version_id, status) for deployment_id, version_id, status in rows}
+
+
+def deployed(deployment_ids: list[UUID]) -> list[Deployed]:
+    rows = Deployment.unscoped_all_tenants.filter(id__in=deployment_ids).select_related(
+        "version", "run", "tenant"
+    )
+    return [Deployed.of(row) for row in rows]
 
 
 class DeploymentConsumer:
@@ -620,15 +629,16 @@ class KafkaWorker:
         for deployment_id in list(self.consumers):
             current = active.get(deployment_id)
             consumer = self.consumers[deployment_id]
-            if current is None or current.version_id != consumer.deployed.version_id:
+            if current is None or current[0] != consumer.deployed.version_id:
                 consumer.close()  # stopped, or redeployed: a new consumer for the new version
                 del self.consumers[deployment_id]
-            elif current.status != consumer.deployed.status:
-                consumer.apply_status(current.status)
-        for deployment_id, deployed in active.items():
-            if deployment_id not in self.consumers:
-                self.consumers[deployment_id] = DeploymentConsumer(
-                    deployed, self.name, static=self.static
+            elif current[1] != consumer.deployed.status:
+                consumer.apply_status(current[1])
+        new = [deployment_id for deployment_id in active if deployment_id not in self.consumers]
+        for started in deployed(new) if new else []:
+            if started.status in ACTIVE_DEPLOYMENT_STATUSES:  # still, when read again
+                self.consumers[started.id] = DeploymentConsumer(
+                    started, self.name, static=self.static
                 )
         self.reconciled_at = time.monotonic()
 

@@ -189,11 +189,11 @@ class NodeView:
         self.state.delete(self.owner, key, slot)
 
     def entries(self) -> Iterator[tuple[str, str, JSON]]:
-        """A snapshot: the caller may delete while going through it."""
-        owned = self.state.entries.get(self.owner, {})
-        return iter(
-            [(key, slot, value) for key, slots in owned.items() for slot, value in slots.items()]
-        )
+        """Live, not a copy (fire goes through every open window each batch): change none
+        while going through them."""
+        for key, slots in self.state.entries.get(self.owner, {}).items():
+            for slot, value in slots.items():
+                yield key, slot, value
 
 
 def label(topic: str, partition: int) -> str:

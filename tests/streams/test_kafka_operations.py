@@ -15,7 +15,7 @@ from apps.graphs.services import add_version
 from apps.graphs.validation import SpecInvalid
 from apps.runs.models import Event, ResultRow, Run, RunStatus
 from apps.streams import services
-from apps.streams.consumer import DeploymentConsumer, active_kafka_deployments
+from apps.streams.consumer import DeploymentConsumer, active_kafka_deployments, deployed
 from apps.streams.models import DeadLetter, Deployment, DeploymentStatus, PartitionOffset
 from apps.tenants.context import tenant_context
 from sluice import processes
@@ -266,8 +266,9 @@ def test_a_new_deployment_starts_where_its_source_says(
     graph = world.graph(f"start-{start_from}", spec)
     with tenant_context(world.acme):
         deployment = services.deploy(graph=graph, version=graph.live_version(), actor=world.owner)
-    deployed = active_kafka_deployments()[deployment.id]
-    consumer = DeploymentConsumer(deployed, "test")
+    assert active_kafka_deployments()[deployment.id] == (deployment.version_id, "running")
+    (started,) = deployed([deployment.id])
+    consumer = DeploymentConsumer(started, "test")
     try:
         with tenant_context(world.acme):
             wait_for(lambda: consumer.poll(0.5) >= 0 and bool(consumer.positions), 30, "assign")

@@ -225,9 +225,9 @@ def test_windows_and_memory_fire_once_across_kills_and_a_rebalance(
             for s in KeyedState.objects.filter(deployment=deployment, owner="seen")
         }
         # The records went only into state: no event of theirs is stored; each window's is.
-        events = Event.objects.filter(run=deployment.run)
-        assert not events.filter(node_id="in").exists()
-        assert events.filter(node_id="w").count() == len(expected)
+        stored = Event.objects.filter(run=deployment.run)
+        assert not stored.filter(node_id="in").exists()
+        assert stored.filter(node_id="w").count() == len(expected)
     for key_index in range(keys):
         key = f"k{key_index}"
         assert memory[key] == [r["i"] for _p, k, r in records if k == key]
