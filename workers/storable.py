@@ -55,7 +55,18 @@ def loads(raw: bytes | str) -> Any:
     """JSON as PostgreSQL and every JSON encoder take it back: NaN, Infinity and numbers
     beyond a float's range (1e400) raise ValueError, as malformed JSON does; nesting deeper
     than Python's parser goes raises RecursionError."""
-    return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+    text = raw if isinstance(raw, str) else _text(raw)
+    if text.startswith("\ufeff"):
+        raise ValueError("unexpected UTF-8 BOM (decode using utf-8-sig)")
+    return _DECODER.decode(text)
+
+
+def _text(raw: bytes) -> str:
+    """As json.loads reads bytes: UTF-8, else the encoding its first bytes say."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode(json.detect_encoding(raw))
 
 
 def _finite(text: str) -> float:
@@ -73,3 +84,8 @@ def unstorable_json(raw: bytes, parsed: Any) -> bool:
     """unstorable(parsed), looking at the parsed value only when the raw JSON has an escape
     that could have made one."""
     return _ESCAPED.search(raw) is not None and unstorable(parsed)
+
+
+# One decoder for every call: json.loads with hooks builds a new one each time, a cost per
+# Kafka record (bench windows).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
