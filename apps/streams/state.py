@@ -54,7 +54,6 @@ class PartitionState:
             for slot in slots
         }
         self._written: tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]] = ([], [])
-        self.moved = False  # the watermark or the late counts changed
         # A record's changes so far, to undo it: (owner, key, slot, previous value), or
         # (LATE, node id, "", None) for a late count.
         self._journal: list[tuple[str, str, str, Any]] | None = None
@@ -89,17 +88,13 @@ class PartitionState:
 
     def count_late(self, node_id: str) -> None:
         self.late[node_id] = self.late.get(node_id, 0) + 1
-        self.moved = True
         if self._journal is not None:
             self._journal.append((_LATE, node_id, "", None))
 
-    def advance(self, watermark_ms: int) -> bool:
-        """Moves the watermark forward (never back); True when it moved."""
-        if self.watermark_ms is not None and watermark_ms <= self.watermark_ms:
-            return False
-        self.watermark_ms = watermark_ms
-        self.moved = True
-        return True
+    def advance(self, watermark_ms: int) -> None:
+        """Moves the watermark forward, never back."""
+        if self.watermark_ms is None or watermark_ms > self.watermark_ms:
+            self.watermark_ms = watermark_ms
 
     # -- entries -----------------------------------------------------------------------
 
@@ -163,7 +158,6 @@ class PartitionState:
         self.persisted.difference_update(deleted)
         self._written = ([], [])
         self.dirty.clear()
-        self.moved = False
         self.version += 1
 
 
