@@ -98,17 +98,16 @@ class KafkaSource(StreamSource):
         event_key = key.decode("utf-8", "replace").replace("\x00", "")[:200] if key else ""
         if "key_field" in config:
             event_key = _text(payload.get(config["key_field"]))[:200]
-        event_time = datetime.fromtimestamp(max(timestamp_ms, 0) / 1000, tz=UTC)
-        if "event_time_field" in config:
-            field = config["event_time_field"]
-            parsed = parse_time(payload.get(field))
-            if parsed is None:
-                raise PermanentError(
-                    f"field {field!r} must be an ISO 8601 time or epoch milliseconds,"
-                    f" got {payload.get(field)!r}"
-                )
-            event_time = parsed
-        return payload, event_key, event_time
+        if "event_time_field" not in config:
+            return payload, event_key, datetime.fromtimestamp(max(timestamp_ms, 0) / 1000, tz=UTC)
+        field = config["event_time_field"]
+        parsed = parse_time(payload.get(field))
+        if parsed is None:
+            raise PermanentError(
+                f"field {field!r} must be an ISO 8601 time or epoch milliseconds,"
+                f" got {payload.get(field)!r}"
+            )
+        return payload, event_key, parsed
 
 
 @register
