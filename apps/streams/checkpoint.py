@@ -1,7 +1,8 @@
 """The micro-batch's transaction: the checkpoint of a stream deployment.
 
 One transaction writes what a batch of records produced (their events, the rows of their
-table sinks, the steps of the first expensive nodes, their dead letters) and moves each
+table sinks, the steps of the first expensive nodes, their dead letters, the windows that
+fired, the partition's window and memory state with its watermark) and moves each
 partition's next offset from the one the batch was read at to the one after its last
 record. The move is a compare and set, and the deployment's row is read under a share lock:
 a batch read at an offset someone else has moved on from (a worker that lost the partition
