@@ -44,8 +44,7 @@ from apps.streams.models import (
     WebhookDelivery,
 )
 from apps.streams.segment import Segment, segment_summary
-from workers.operators import REGISTRY
-from workers.operators.windows import StatefulOperator
+from workers.operators.windows import state_owners
 
 # A partition's rate counts towards events/s while its worker reported within this window.
 RATE_FRESH = timedelta(seconds=15)
@@ -445,15 +444,11 @@ class NodeStateRow:
 
 
 def stateful_nodes(spec: dict[str, Any]) -> dict[str, list[StateNode]]:
-    """The version's state owners, each with its nodes, in the spec's order: a window node
-    owns its state, a memory node its own or (with `store`) the store's it shares."""
-    owners: dict[str, list[StateNode]] = {}
-    for node in spec.get("nodes", []):
-        operator = REGISTRY.get(node.get("type", ""))
-        if isinstance(operator, StatefulOperator):
-            owner = operator.state_owner(node["id"], node.get("config", {}))
-            owners.setdefault(owner, []).append(StateNode(node["id"], node["type"]))
-    return owners
+    """The version's state owners, each with its nodes, in the spec's order."""
+    return {
+        owner: [StateNode(node["id"], node["type"]) for node in nodes]
+        for owner, nodes in state_owners(spec).items()
+    }
 
 
 def state_of(

@@ -29,10 +29,9 @@ from apps.streams.models import (
 from apps.streams.segment import Record, Segment, SegmentError
 from apps.tenants.context import current_tenant
 from workers import kafka
-from workers.operators import REGISTRY
 from workers.operators.base import PermanentError
 from workers.operators.streams import KafkaSource
-from workers.operators.windows import StatefulOperator
+from workers.operators.windows import state_owners
 
 
 class DeploymentRefused(Exception):
@@ -124,25 +123,12 @@ def deploy(*, graph: StreamGraph, version: GraphVersion, actor: Actor) -> Deploy
     return deployment
 
 
-def state_owners(spec: dict[str, Any]) -> dict[str, list[tuple[str, str, Any]]]:
-    """Each state owner (a window node, a memory store) with the (id, type, config) of the
-    nodes that make its state."""
-    owners: dict[str, list[tuple[str, str, Any]]] = {}
-    for node in spec["nodes"]:
-        operator = REGISTRY.get(node["type"])
-        if isinstance(operator, StatefulOperator):
-            config = node.get("config", {})
-            owner = operator.state_owner(node["id"], config)
-            owners.setdefault(owner, []).append((node["id"], node["type"], config))
-    return {owner: sorted(nodes, key=lambda n: n[0]) for owner, nodes in owners.items()}
-
-
 def state_to_drop(deployment: Deployment, version: GraphVersion) -> list[dict[str, Any]]:
     """What deploying `version` would drop of the deployment's state: the entries (open
     windows, memory lists) of every owner whose nodes' id or config changes or goes. An owner
     whose nodes stay exactly as they are keeps its state."""
-    before = state_owners(deployment.version.spec)
-    after = state_owners(version.spec)
+    before = _owner_nodes(deployment.version.spec)
+    after = _owner_nodes(version.spec)
     changed = [owner for owner, nodes in before.items() if after.get(owner) != nodes]
     if not changed:
         return []
@@ -160,6 +146,14 @@ def state_to_drop(deployment: Deployment, version: GraphVersion) -> list[dict[st
         }
         for owner in sorted(changed)
     ]
+
+
+def _owner_nodes(spec: dict[str, Any]) -> dict[str, list[tuple[str, str, Any]]]:
+    """Each state owner with the (id, type, config) of its nodes: what must stay the same."""
+    return {
+        owner: sorted((n["id"], n["type"], n.get("config", {})) for n in nodes)
+        for owner, nodes in state_owners(spec).items()
+    }
 
 
 def drop_changed_state(deployment: Deployment, version: GraphVersion) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 from workers.operators.base import (
     JSON,
+    REGISTRY,
     InputEvent,
     Operator,
     PermanentError,
@@ -143,6 +144,18 @@ class StatefulOperator(Operator):
     def state_owner(self, node_id: str, config: JSON) -> str:
         """Whose state the node's entries are: the node's own, unless shared by name."""
         return node_id
+
+
+def state_owners(spec: JSON) -> dict[str, list[JSON]]:
+    """The spec's state owners, each with the nodes whose state it is, in the spec's order:
+    a window node owns its own; a memory node its own or, with `store`, the store's."""
+    owners: dict[str, list[JSON]] = {}
+    for node in spec.get("nodes", []):
+        operator = REGISTRY.get(node.get("type", ""))
+        if isinstance(operator, StatefulOperator):
+            owner = operator.state_owner(node["id"], node.get("config", {}))
+            owners.setdefault(owner, []).append(node)
+    return owners
 
 
 # -- aggregates ------------------------------------------------------------------------
