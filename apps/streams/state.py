@@ -133,9 +133,6 @@ class PartitionState:
             return
         self.entries.setdefault(owner, {}).setdefault(key, {})[slot] = value
 
-    def open_entries(self, owner: str) -> int:
-        return sum(len(slots) for slots in self.entries.get(owner, {}).values())
-
     # -- commit --------------------------------------------------------------------------
 
     def changes(self) -> tuple[list[tuple[str, str, str, JSON]], list[tuple[str, str, str]]]:
