@@ -207,7 +207,11 @@ def _run_to_end(what: str, argv: list[str], env: dict[str, str], log_path: Path 
 
 def _start_children(launch: _Launch, env: dict[str, str], port: int, log_dir: Path) -> None:
     commands = {
-        "web": processes.asgi_argv(port),
+        # Several web processes on one port (uvicorn's supervisor restarts one that dies);
+        # any of them serves any follower, so none needs to be sticky.
+        "web": processes.asgi_argv(
+            port, workers=env_int("SLUICE_WEB_PROCESSES", os.cpu_count() or 1, minimum=1)
+        ),
         # CPU-bound operators: processes, one per core we give them.
         "worker-cpu": processes.worker_argv(
             CPU_WORKER_QUEUES,

@@ -26,11 +26,17 @@ PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def asgi_argv(port: int) -> list[str]:
-    return [
+def asgi_argv(port: int, *, workers: int = 1) -> list[str]:
+    """uvicorn serving Sluice on `port`. With `workers` above 1 its supervisor forks that
+    many processes sharing the listening socket and starts a new one when one dies.
+    No permessage-deflate: the feed's frames are small and already batched; compressing
+    them cost the web process more CPU than any other single part of the feed path."""
+    argv = [
         sys.executable, "-m", "uvicorn", "sluice.asgi:application",
         "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+        "--ws-per-message-deflate", "false",
     ]  # fmt: skip
+    return [*argv, "--workers", str(workers)] if workers > 1 else argv
 
 
 def worker_argv(queues: list[str], name: str, *, pool: str, concurrency: int) -> list[str]:
