@@ -105,15 +105,11 @@ DATABASES = {"default": database_from_url(_database_url)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", f"redis://127.0.0.1:{embedded_paths.DEFAULT_REDIS_PORT}/0")
-# Pub/sub layer with JSON messages: a run's frames go out as one PUBLISH per batch from the
-# same Redis script that numbers and stores them (apps/live/publisher.py), and every web
-# process following that run gets them; nothing queues in Redis for a slow consumer.
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [redis_url_with_db(REDIS_URL, 2)], "serializer_format": "json"},
-    }
-}
+# The live feed's Redis database: runs' frame counters and recent frames, the channels their
+# frames are published on (one PUBLISH per run and batch, from the script that numbers and
+# stores them: apps/live/publisher.py), and viewer bookkeeping. Each web process subscribes
+# once per followed run (apps/live/hub.py); nothing queues in Redis for a slow follower.
+SLUICE_FEED_REDIS_URL = redis_url_with_db(REDIS_URL, 2)
 
 # Kafka, for stream deployments that read a topic: `make run` and the test harness start a
 # one-node broker when Java and Maven are present. Empty means no Kafka: deploying a stream

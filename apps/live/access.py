@@ -19,6 +19,7 @@ class FollowedRun:
     id: UUID
     status: str
     on_disconnect: str
+    tenant_id: int
 
     @property
     def cancels_when_left(self) -> bool:
@@ -37,7 +38,11 @@ def follower(authorization: str | None, user: Any, session_tenant: object) -> Te
 
 def followed_run(tenant: Tenant, run_id: UUID) -> FollowedRun | None:
     with tenant_context(tenant):
-        row = Run.objects.filter(id=run_id).values_list("id", "status", "on_disconnect").first()
+        row = (
+            Run.objects.filter(id=run_id)
+            .values_list("id", "status", "on_disconnect", "tenant_id")
+            .first()
+        )
     return FollowedRun(*row) if row else None
 
 

@@ -1,21 +1,25 @@
 """The run feed over WebSocket (`ws/runs/<id>/?after=<seq>`; protocol in README.md).
 
 A connection is a cursor into the run's feed: `next_seq` is the next frame it owes the
-client. It starts by catching up from storage (store.aread_after), then follows the
-channel layer group live. Live frames are a shortcut, never the only way to a frame:
-when they are out of order (two workers publishing), arrive while the client is behind,
-or the client's window of un-acknowledged frames is full, the connection drops them and
-reads from storage again once the client acks. So nothing is buffered per connection
-beyond one batch, and every frame reaches the client exactly once, in order.
+client. It starts by catching up from storage (store.aread_after), then takes live frames
+from its process's hub (hub.py: one Redis subscription per run per process). Live frames
+are a shortcut, never the only way to a frame: when they are out of order (two workers
+publishing), arrive while the client is behind, or the client's window of un-acknowledged
+frames is full, the connection drops them and reads from storage again once the client
+acks. So nothing is buffered per connection beyond what arrived since its last send, and
+every frame reaches the client exactly once, in order.
+
+Sending is done by one task per connection that exists only while there is something to
+send (`_pump`): live batches that arrived together go out as one message, as they came
+from Redis (never parsed here), and an idle connection costs no task at all.
 """
 
 import asyncio
 import json
 import logging
-import random
 from typing import Any
 from urllib.parse import parse_qs
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
@@ -24,7 +28,7 @@ from django.conf import settings
 
 from apps.live import viewers
 from apps.live.access import FollowedRun, header, parse_after, run_for
-from apps.live.feed import group_name
+from apps.live.hub import hub
 from apps.live.store import Frames, aread_after
 from apps.tenants.middleware import SESSION_TENANT_KEY
 
@@ -40,9 +44,20 @@ def _resolve(scope: dict[str, Any], run_id: UUID) -> tuple[str, FollowedRun | No
     return run_for(authorization, scope.get("user"), session_tenant, run_id)
 
 
+def _frames_message(parts: list[str]) -> str:
+    return '{"type":"frames","frames":[' + ",".join(parts) + "]}"
+
+
 class RunFeedConsumer(AsyncWebsocketConsumer):
     run: FollowedRun | None = None
-    keepalive: asyncio.Task[None] | None = None
+    started = False  # hello sent: frames may go out
+    live = False  # caught up: live frames are sent as they come
+    next_seq = 1
+    acked = 0
+    latest_seen = 0  # the highest seq heard live, sent or not
+    pending: list[tuple[int, int, str]] | None = None  # live batches not yet sent
+    sender: asyncio.Task[None] | None = None
+    viewer_id = ""
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels' dispatch first closes stale database connections through the one
@@ -70,22 +85,24 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
                 await self._refuse(4404, outcome, "no such run")
             return
         self.run = run
-        self.next_seq, self.acked, self.latest_seen = after + 1, after, 0
-        self.live = False
-        await self.channel_layer.group_add(group_name(run.id), self.channel_name)
-        await viewers.joined(run.id, self.channel_name, cancel_on_leave=run.cancels_when_left)
-        self.keepalive = asyncio.create_task(self._still_here())
+        self.next_seq, self.acked = after + 1, after
+        # Subscribed before the first read of storage: nothing published after it is missed.
+        await hub().follow(run.tenant_id, run.id, self)
+        self.viewer_id = f"ws.{uuid4().hex}"
+        await viewers.joined(run.id, self.viewer_id, counts=run.cancels_when_left)
         hello = {"type": "hello", "run": str(run.id), "status": run.status, "after": after}
         await self.send(text_data=json.dumps(hello))
-        await self._catch_up()
+        self.started = True
+        self._wake()
 
     async def disconnect(self, code: int) -> None:
         if self.run is None:
             return
-        if self.keepalive is not None:
-            self.keepalive.cancel()
-        await self.channel_layer.group_discard(group_name(self.run.id), self.channel_name)
-        await viewers.left(self.run.id, self.channel_name)
+        self.started = False
+        if self.sender is not None:
+            self.sender.cancel()
+        await hub().leave(self.run.tenant_id, self.run.id, self)
+        await viewers.left(self.run.id, self.viewer_id)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.run is None or text_data is None:
@@ -99,26 +116,68 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
             return
         self.acked = max(self.acked, min(acked, self.next_seq - 1))
         if not self.live:
-            await self._catch_up()
+            self._wake()
 
-    async def feed_frames(self, event: dict[str, Any]) -> None:
-        """A batch of frames from the channel layer (feed.APPEND_SCRIPT publishes them)."""
-        frames: list[dict[str, Any]] = event["frames"]
-        self.latest_seen = max(self.latest_seen, frames[-1]["seq"])
-        if not self.live:
-            return
-        fresh = [f for f in frames if f["seq"] >= self.next_seq]
-        if not fresh:
-            return  # already sent from storage
-        if fresh[0]["seq"] != self.next_seq or self._room() < len(fresh):
-            self.live = False  # out of order, or the client is behind: storage has them
-            await self._catch_up()
-            return
-        await self.send(text_data=json.dumps({"type": "frames", "frames": fresh}))
-        self.next_seq = fresh[-1]["seq"] + 1
+    # -- from the hub (on the event loop; never blocks) -----------------------------------
+
+    def offer(self, first: int, last: int, frames: str) -> None:
+        self.latest_seen = max(self.latest_seen, last)
+        if not self.live or last < self.next_seq:
+            return  # storage has them; or already sent from storage
+        if self.pending is None:
+            self.pending = []
+        self.pending.append((first, last, frames))
+        self._wake()
+
+    def resync(self) -> None:
+        self.live, self.pending = False, None
+        self._wake()
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self.started and self.sender is None:
+            self.sender = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            while self.started:
+                if not self.live:
+                    await self._catch_up()
+                    if not self.live:
+                        return  # waiting for the client's ack
+                if not self.pending:
+                    return
+                batches, self.pending = self.pending, None
+                if not await self._send_live(batches):
+                    self.live, self.pending = False, None  # storage has them
+        except Exception:
+            logger.exception("live: feed of run %s stopped", self.run.id if self.run else None)
+            await self.close(code=1011)
+        finally:
+            self.sender = None
+
+    async def _send_live(self, batches: list[tuple[int, int, str]]) -> bool:
+        """Sends the batches that follow next_seq as one message; False when one does not
+        follow on, or the client's window has no room for them."""
+        parts, expected = [], self.next_seq
+        for first, last, frames in batches:
+            if last < expected:
+                continue
+            if first != expected:
+                return False
+            parts.append(frames)
+            expected = last + 1
+        if not parts:
+            return True
+        if expected - self.next_seq > self._room():
+            return False
+        await self.send(text_data=_frames_message(parts))
+        self.next_seq = expected
+        return True
 
     def _room(self) -> int:
-        return settings.SLUICE_FEED_WINDOW - (self.next_seq - 1 - self.acked)
+        return int(settings.SLUICE_FEED_WINDOW) - (self.next_seq - 1 - self.acked)
 
     async def _catch_up(self) -> None:
         assert self.run is not None
@@ -130,29 +189,15 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
             frames = await aread_after(self.run.id, self.next_seq - 1, want)
             if frames:
                 await self._send_stored(frames)
-            if len(frames) < want and self.latest_seen < self.next_seq:
-                self.live = True  # storage has nothing newer than what the layer will bring
-                return
-            if not frames:
-                self.live = True
+            if not frames or (len(frames) < want and self.latest_seen < self.next_seq):
+                # Storage has nothing newer than what the hub will bring.
+                self.live, self.pending = True, None
                 return
 
     async def _send_stored(self, frames: Frames) -> None:
-        texts = ",".join(text for _, text in frames)
-        await self.send(text_data=f'{{"type":"frames","frames":[{texts}]}}')
+        await self.send(text_data=_frames_message([text for _, text in frames]))
         self.next_seq = frames[-1][0] + 1
 
     async def _refuse(self, code: int, reason: str, detail: str) -> None:
         await self.send(text_data=json.dumps({"type": "error", "code": reason, "detail": detail}))
         await self.close(code=code)
-
-    async def _still_here(self) -> None:
-        assert self.run is not None
-        # Spread over the interval: pages opened together must not all refresh together.
-        await asyncio.sleep(random.uniform(0, viewers.VIEWER_REFRESH_S))
-        while True:
-            try:
-                await viewers.still_here(self.run.id, self.channel_name)
-            except Exception:
-                logger.exception("live: could not refresh viewer of run %s", self.run.id)
-            await asyncio.sleep(viewers.VIEWER_REFRESH_S)

@@ -4,9 +4,10 @@ frames in one step. Shared by the writer (publisher.py) and the readers (store.p
 - `sluice:feed:{<run>}:seq`: the run's frame counter.
 - `sluice:feed:{<run>}`: a Redis stream of the run's recent frames, entry id `<seq>-0`,
   field `f` = the frame's JSON. PostgreSQL (RunFrame) has them all; this is the hot tail.
-- The channel layer group `run.<run>`: live followers. The layer is Channels' Redis
-  pub/sub layer with JSON messages, so a group is one Redis pub/sub channel and a message
-  is plain JSON; the script publishes `{"type": "feed.frames", "frames": [...]}` there.
+- `sluice:feed:t<tenant>:{<run>}`: the pub/sub channel live followers hear, partitioned by
+  tenant and run. The script publishes each batch there as `<first seq> <last seq>\n`
+  followed by the frames' JSON objects joined by commas: a web process's hub
+  (apps/live/hub.py) reads the header only and passes the text on unparsed.
 """
 
 import asyncio
@@ -22,19 +23,12 @@ from django.conf import settings
 STREAM_TTL_S = 3600
 COUNTER_TTL_S = 7 * 86400
 STREAM_MAX_LEN = 20_000
-# Channels' pub/sub layer names a group's Redis channel "<prefix>__group__<group>" with
-# prefix "asgi"; tests/live/test_feed.py proves a consumer receives what we publish there.
-LAYER_PREFIX = "asgi"
 # Redis connections per web process for feed reads and viewer bookkeeping.
 ASYNC_POOL_SIZE = 400
 
 
-def group_name(run_id: object) -> str:
-    return f"run.{run_id}"
-
-
-def layer_channel(run_id: object) -> str:
-    return f"{LAYER_PREFIX}__group__{group_name(run_id)}"
+def run_channel(tenant_id: int, run_id: object) -> str:
+    return f"sluice:feed:t{tenant_id}:{{{run_id}}}"
 
 
 def counter_key(run_id: object) -> str:
@@ -57,7 +51,7 @@ def seq_of(stream_id: bytes | str) -> int:
     return int(text.split("-", 1)[0])
 
 
-# KEYS: counter, stream. ARGV: layer channel, stream ttl, counter ttl, stream max length,
+# KEYS: counter, stream. ARGV: run channel, stream ttl, counter ttl, stream max length,
 # then the frames (JSON objects without seq). Returns the first frame's seq, or -1 when the
 # run has no counter (new, or expired): the caller seeds it from PostgreSQL and tries again.
 APPEND_SCRIPT = """
@@ -77,15 +71,13 @@ for i = 1, n do
 end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-local message = '{"type":"feed.frames","frames":[' .. table.concat(frames, ',') .. ']}'
-redis.call('PUBLISH', ARGV[1], message)
+redis.call('PUBLISH', ARGV[1], first .. ' ' .. last .. '\\n' .. table.concat(frames, ','))
 return first
 """
 
 
 def feed_redis_url() -> str:
-    layer: Any = settings.CHANNEL_LAYERS["default"]
-    return str(layer["CONFIG"]["hosts"][0])
+    return str(settings.SLUICE_FEED_REDIS_URL)
 
 
 @cache

@@ -237,32 +237,37 @@ class FeedPublisher:
             pipe.execute()
         if not outbox.runs:
             return
-        bodies = {
-            run_id: [json.dumps(body, separators=(",", ":")) for body in frames]
-            for run_id, (_, frames) in outbox.runs.items()
-        }
+        # Round robin across tenants: one tenant's many busy runs do not go ahead of
+        # another's few in the pipeline, nor in what the web processes hear first.
+        runs = _round_robin_by_tenant(outbox.runs)
+        bodies = [
+            [json.dumps(body, separators=(",", ":")) for body in frames] for *_, frames in runs
+        ]
         # EVALSHA by hand: a registered script in a pipeline asks the server whether it has
         # the script (SCRIPT EXISTS, one more round trip) on every execute.
         pipe = client.pipeline(transaction=False)
-        for run_id, texts in bodies.items():
+        for (run_id, tenant_id, _), texts in zip(runs, bodies, strict=True):
             keys = _keys(run_id)
-            pipe.evalsha(append.sha, len(keys), *keys, *_script_args(run_id), *texts)
+            args = _script_args(tenant_id, run_id)
+            pipe.evalsha(append.sha, len(keys), *keys, *args, *texts)
         firsts = pipe.execute(raise_on_error=False)
-        for (run_id, (tenant_id, frames)), first in zip(outbox.runs.items(), firsts, strict=True):
-            texts = bodies[run_id]
+        for (run_id, tenant_id, frames), texts, first in zip(runs, bodies, firsts, strict=True):
             if isinstance(first, NoScriptError):  # a new or restarted server: load it, once
-                first = append(keys=_keys(run_id), args=[*_script_args(run_id), *texts])
+                args = _script_args(tenant_id, run_id)
+                first = append(keys=_keys(run_id), args=[*args, *texts])
             if isinstance(first, Exception):
                 logger.error("feed: run %s: %d frames not published: %s", run_id, len(texts), first)
                 continue
             if first == -1:
-                first = self._seed_and_append(client, append, run_id, texts)
+                first = self._seed_and_append(client, append, tenant_id, run_id, texts)
             self._archive.put(
                 ("rows", tenant_id, run_id, first, [f["type"] for f in frames], texts)
             )
 
     @staticmethod
-    def _seed_and_append(client: Any, append: Any, run_id: str, texts: list[str]) -> int:
+    def _seed_and_append(
+        client: Any, append: Any, tenant_id: int, run_id: str, texts: list[str]
+    ) -> int:
         """A run's first frames (or the first after its counter expired): start the counter
         at the highest number PostgreSQL holds, so numbers never repeat."""
         from apps.live.models import RunFrame
@@ -271,15 +276,36 @@ class FeedPublisher:
         highest = RunFrame.unscoped_all_tenants.filter(run_id=run_id).aggregate(m=Max("seq"))["m"]
         connection.close()  # once per run: not worth holding a connection for
         client.set(feed.counter_key(run_id), highest or 0, nx=True, ex=feed.COUNTER_TTL_S)
-        return int(append(keys=_keys(run_id), args=[*_script_args(run_id), *texts]))
+        args = _script_args(tenant_id, run_id)
+        return int(append(keys=_keys(run_id), args=[*args, *texts]))
+
+
+def _round_robin_by_tenant(
+    runs: dict[str, tuple[int, list[dict[str, Any]]]],
+) -> list[tuple[str, int, list[dict[str, Any]]]]:
+    """(run, tenant, frames) taking one run of each tenant in turn, each tenant's runs in
+    the order they came."""
+    by_tenant: dict[int, list[tuple[str, int, list[dict[str, Any]]]]] = {}
+    for run_id, (tenant_id, frames) in runs.items():
+        by_tenant.setdefault(tenant_id, []).append((run_id, tenant_id, frames))
+    if len(by_tenant) == 1:
+        return next(iter(by_tenant.values()))
+    queues = sorted(by_tenant.values(), key=len)
+    longest = len(queues[-1])
+    return [q[n] for n in range(longest) for q in queues if n < len(q)]
 
 
 def _keys(run_id: str) -> list[str]:
     return [feed.counter_key(run_id), feed.stream_key(run_id)]
 
 
-def _script_args(run_id: str) -> list[Any]:
-    return [feed.layer_channel(run_id), feed.STREAM_TTL_S, feed.COUNTER_TTL_S, feed.STREAM_MAX_LEN]
+def _script_args(tenant_id: int, run_id: str) -> list[Any]:
+    return [
+        feed.run_channel(tenant_id, run_id),
+        feed.STREAM_TTL_S,
+        feed.COUNTER_TTL_S,
+        feed.STREAM_MAX_LEN,
+    ]
 
 
 class FrameArchive:

@@ -2,12 +2,16 @@
 and proxies that cannot hold a WebSocket. The same frames, numbered as event ids, so
 `Last-Event-ID` resumes exactly after the last one received.
 
-Each connection reads from storage after its cursor and, when caught up, blocks on the
-run's Redis stream for the next frame. A slow client only slows its own reads (the ASGI
-server waits for the socket before taking the next chunk), so nothing piles up for it.
+Each connection reads from storage after its cursor and, when caught up, waits to be woken
+by its process's hub (hub.py: one Redis subscription per run per process, shared with the
+WebSocket followers), then reads again. A slow client only slows its own reads (the ASGI
+server waits for the socket before taking the next chunk), so nothing piles up for it, and
+a waiting connection holds no Redis connection.
 """
 
+import asyncio
 import json
+import random
 import time
 from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
@@ -20,7 +24,8 @@ from django.views.decorators.http import require_GET
 
 from apps.live import viewers
 from apps.live.access import FollowedRun, parse_after, run_for
-from apps.live.store import aread_after, await_new
+from apps.live.hub import hub
+from apps.live.store import aread_after
 from apps.runs.models import ACTIVE_RUN_STATUSES
 from apps.tenants.middleware import SESSION_TENANT_KEY
 from sluice.problems import problem
@@ -66,12 +71,38 @@ def _is_final_run_frame(text: str) -> bool:
     return frame.get("type") == "run" and frame.get("status") not in ACTIVE_RUN_STATUSES
 
 
+class _Wakeup:
+    """An SSE connection's hub listener: frames mean "read storage again"."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def offer(self, first: int, last: int, frames: str) -> None:
+        self.event.set()
+
+    def resync(self) -> None:
+        self.event.set()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until frames were offered since the last wait, or the timeout."""
+        if not self.event.is_set():
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self.event.wait()
+            except TimeoutError:
+                pass
+        self.event.clear()
+
+
 async def _events(run: FollowedRun, after: int) -> AsyncIterator[str]:
     connection = f"sse.{uuid4().hex}"
-    await viewers.joined(run.id, connection, cancel_on_leave=run.cancels_when_left)
+    wakeup = _Wakeup()
+    await hub().follow(run.tenant_id, run.id, wakeup)
+    await viewers.joined(run.id, connection, counts=run.cancels_when_left)
     heartbeat_s = settings.SLUICE_SSE_HEARTBEAT_S
     cursor, ending_at = after, None
-    last_sent = last_seen = time.monotonic()
+    # Streams opened together (a reconnect storm) keep their heartbeats apart.
+    last_sent = time.monotonic() - random.uniform(0, heartbeat_s)
     try:
         yield f"retry: {RETRY_MS}\n\n"
         while True:
@@ -85,15 +116,13 @@ async def _events(run: FollowedRun, after: int) -> AsyncIterator[str]:
             now = time.monotonic()
             if ending_at is not None and now >= ending_at:
                 return
-            if now - last_seen >= viewers.VIEWER_REFRESH_S:
-                await viewers.still_here(run.id, connection)
-                last_seen = now
             if now - last_sent >= heartbeat_s:
                 yield ": keep-alive\n\n"
                 last_sent = now
-            wait = min(heartbeat_s, viewers.VIEWER_REFRESH_S)
+            wait = heartbeat_s - (now - last_sent)
             if ending_at is not None:
                 wait = min(wait, ending_at - now)
-            await await_new(run.id, cursor, wait)
+            await wakeup.wait(max(wait, 0.001))
     finally:
         await viewers.left(run.id, connection)
+        await hub().leave(run.tenant_id, run.id, wakeup)

@@ -74,13 +74,3 @@ async def aread_after(run_id: UUID | str, after: int, limit: int) -> Frames:
         run_id, after, limit
     )
     return merge(after, archived, recent)[:limit]
-
-
-async def await_new(run_id: UUID | str, after: int, timeout_s: float) -> bool:
-    """Blocks until the run's stream has a frame after `after`, or the timeout; True when
-    one arrived. For SSE, whose sends already wait for a slow client: reading again from
-    the store after each wait bounds its memory without a window."""
-    entries = await feed.async_feed_redis().xread(
-        {feed.stream_key(run_id): f"{after}-0"}, count=1, block=max(int(timeout_s * 1000), 1)
-    )
-    return bool(entries)

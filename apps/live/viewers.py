@@ -2,15 +2,20 @@
 nobody has watched it for its grace period (policies.disconnect_grace_s, default
 SLUICE_VIEWER_GRACE_S), and a page reload inside that period changes nothing.
 
-Each open WebSocket or SSE connection is an entry in the run's Redis hash (connection id
--> last seen), refreshed every VIEWER_REFRESH_S while it lives and removed when it closes;
-the time the last one left is kept beside it. A web process that dies without closing its
-connections leaves entries that go stale, which count as left STALE_AFTER_S after they
-were last seen. The sweeper (beat) calls `cancel_abandoned_runs` every pass: timers live
-in Redis, not in the web process that saw the disconnect."""
+Only viewers that count are kept: those of an active `cancel` run. Following any other run
+costs no bookkeeping at all. Each counted connection is an entry in the run's Redis hash
+(connection id -> last seen), removed when it closes; the time the last one left is kept
+beside it. One task per web process refreshes all of that process's entries every
+VIEWER_REFRESH_S in one pipelined round trip, so thousands of viewers wake nothing per
+connection. A web process that dies without closing its connections leaves entries that go
+stale, which count as left STALE_AFTER_S after they were last seen. The sweeper (beat)
+calls `cancel_abandoned_runs` every pass: timers live in Redis, not in the web process that
+saw the disconnect."""
 
+import asyncio
 import logging
 import time
+import weakref
 from typing import Any
 from uuid import UUID
 
@@ -38,22 +43,75 @@ def left_key(run_id: object) -> str:
     return f"sluice:viewers:{{{run_id}}}:left"
 
 
-async def joined(run_id: UUID, connection: str, *, cancel_on_leave: bool) -> None:
+class _Counted:
+    """This event loop's counted viewers, run -> connection ids, and their refresher."""
+
+    def __init__(self) -> None:
+        self.runs: dict[UUID, set[str]] = {}
+        self.refresher: asyncio.Task[None] | None = None
+
+    def add(self, run_id: UUID, connection: str) -> None:
+        self.runs.setdefault(run_id, set()).add(connection)
+        if self.refresher is None or self.refresher.done():
+            self.refresher = asyncio.create_task(self._refresh(), name="sluice-viewers")
+
+    def discard(self, run_id: UUID, connection: str) -> bool:
+        connections = self.runs.get(run_id)
+        if connections is None or connection not in connections:
+            return False
+        connections.discard(connection)
+        if not connections:
+            del self.runs[run_id]
+        return True
+
+    async def _refresh(self) -> None:
+        while self.runs:
+            await asyncio.sleep(VIEWER_REFRESH_S)
+            try:
+                await self._refresh_once()
+            except Exception:
+                logger.exception("live: could not refresh %d runs' viewers", len(self.runs))
+
+    async def _refresh_once(self) -> None:
+        if not self.runs:
+            return
+        now = time.time()
+        pipe = feed.async_feed_redis().pipeline(transaction=False)
+        for run_id, connections in list(self.runs.items()):
+            pipe.hset(viewers_key(run_id), mapping=dict.fromkeys(connections, now))
+        await pipe.execute()
+
+
+_counted: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Counted]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _this_loops() -> _Counted:
+    loop = asyncio.get_running_loop()
+    found = _counted.get(loop)
+    if found is None:
+        found = _counted[loop] = _Counted()
+    return found
+
+
+async def joined(run_id: UUID, connection: str, *, counts: bool) -> None:
+    """A connection follows the run; `counts` when its leaving may cancel the run."""
+    if not counts:
+        return
     client = feed.async_feed_redis()
     pipe = client.pipeline(transaction=False)
     pipe.hset(viewers_key(run_id), connection, time.time())
     pipe.expire(viewers_key(run_id), KEY_TTL_S)
     pipe.delete(left_key(run_id))
-    if cancel_on_leave:
-        pipe.sadd(WATCHED, str(run_id))
+    pipe.sadd(WATCHED, str(run_id))
     await pipe.execute()
-
-
-async def still_here(run_id: UUID, connection: str) -> None:
-    await feed.async_feed_redis().hset(viewers_key(run_id), connection, time.time())
+    _this_loops().add(run_id, connection)
 
 
 async def left(run_id: UUID, connection: str) -> None:
+    if not _this_loops().discard(run_id, connection):
+        return  # it never counted
     client = feed.async_feed_redis()
     pipe = client.pipeline(transaction=False)
     pipe.hdel(viewers_key(run_id), connection)

@@ -114,7 +114,7 @@ def test_a_live_frame_ahead_of_its_predecessor_is_filled_in_from_storage(world: 
         assert await follower.nothing_more()
         # Frame 1 is stored but its message goes nowhere; frame 2 is published.
         await sync_to_async(append)(keys=keys, args=["nowhere", 60, 60, 100, '{"type":"x"}'])
-        channel = feed.layer_channel(run.id)
+        channel = feed.run_channel(run.tenant_id, run.id)
         await sync_to_async(append)(keys=keys, args=[channel, 60, 60, 100, '{"type":"y"}'])
         await follower.receive_until_seq(2)
         assert [(f["seq"], f["type"]) for f in follower.frames] == [(1, "x"), (2, "y")]

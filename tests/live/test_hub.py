@@ -1,0 +1,90 @@
+"""A web process's shared subscription (apps/live/hub.py), against real Redis: one Redis
+subscription per followed run however many followers it has, gone when the last leaves,
+and a lost connection to Redis delays frames but loses none."""
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+
+from apps.live import feed
+from apps.live.hub import hub
+from tests.conftest import World
+from tests.live.feedkit import Follower, bearer, publish_tokens, queued_run, seqs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+WORDS = [f"w{i} " for i in range(30)]
+
+
+def auth(value: str) -> list[Any]:
+    return [(b"authorization", value.encode())]
+
+
+def subscribers(channel: str) -> int:
+    (_, count), *_ = feed.feed_redis().pubsub_numsub(channel)
+    return int(count)
+
+
+def test_many_followers_of_a_run_share_one_subscription_until_the_last_leaves(
+    world: World,
+) -> None:
+    run = queued_run(world)
+    other = queued_run(world, slug="other")
+    key = bearer(world.acme)
+    channel = feed.run_channel(run.tenant_id, run.id)
+
+    async def scenario() -> None:
+        followers = [Follower(run.id, headers=auth(key)) for _ in range(12)]
+        for follower in followers:
+            await follower.connect()
+        assert subscribers(channel) == 1
+        assert hub().followed_runs() == 1
+        lone = Follower(other.id, headers=auth(key))
+        await lone.connect()
+        assert hub().followed_runs() == 2
+        await sync_to_async(publish_tokens)(run, WORDS[:6])
+        for follower in followers:
+            frames = await follower.receive_until_seq(6)
+            assert seqs(frames) == [1, 2, 3, 4, 5, 6]
+            assert "".join(f["text"] for f in frames) == "".join(WORDS[:6])
+        assert await lone.nothing_more()  # another run's frames are not its
+        for follower in followers[:-1]:
+            await follower.disconnect()
+        assert subscribers(channel) == 1  # one follower left: still subscribed
+        await followers[-1].disconnect()
+        await asyncio.sleep(0.1)  # the UNSUBSCRIBE is sent, not awaited for
+        assert subscribers(channel) == 0
+        assert hub().followed_runs() == 1
+        await lone.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_frames_published_while_the_subscription_was_lost_arrive_from_storage(
+    world: World,
+) -> None:
+    run = queued_run(world)
+    key = bearer(world.acme)
+    channel = feed.run_channel(run.tenant_id, run.id)
+
+    async def scenario() -> None:
+        follower = Follower(run.id, headers=auth(key))
+        await follower.connect()
+        await sync_to_async(publish_tokens)(run, WORDS[:3])
+        await follower.receive_until_seq(3)
+        # Redis drops the hub's connection; frames published before it subscribes again
+        # reach no web process live.
+        killed = feed.feed_redis().client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        await sync_to_async(publish_tokens)(run, WORDS[3:8], step="s2")
+        frames = await follower.receive_until_seq(8, timeout=10)
+        assert seqs(frames) == list(range(1, 9))
+        assert subscribers(channel) == 1  # subscribed again
+        await sync_to_async(publish_tokens)(run, WORDS[8:10], step="s3")
+        frames = await follower.receive_until_seq(10)
+        assert seqs(frames) == list(range(1, 11))
+        await follower.disconnect()
+
+    async_to_sync(scenario)()
