@@ -53,6 +53,7 @@ def tenant_form(world: World, **changes: object) -> dict[str, object]:
         "outbound_allowlist": "",
         "monthly_budget_usd": "",
         "model_overrides": "{}",
+        "feed_retention_days": "30",
         **changes,
     }
 
@@ -96,3 +97,20 @@ def test_tenant_quotas_in_the_admin_keep_the_settings_pages_bounds_and_are_audit
     assert client.post(url, tenant_form(world, max_active_runs="3")).status_code == 302
     entry = AuditEntry.unscoped_all_tenants.get(tenant=world.acme, action="tenant.change")
     assert entry.after["max_active_runs"] == "3" and entry.before["max_active_runs"] == "None"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "3651", "9" * 30, ""])
+def test_a_bad_feed_retention_in_the_admin_is_a_form_error(world: World, value: str) -> None:
+    staff = get_user_model().objects.create_superuser("root", password="pw-root")
+    client = Client()
+    client.force_login(staff)
+    url = f"/admin/tenants/tenant/{world.acme.pk}/change/"
+    refused = client.post(url, tenant_form(world, feed_retention_days=value))
+    assert refused.status_code == 200
+    assert refused.context["adminform"].form.errors["feed_retention_days"]
+    world.acme.refresh_from_db()
+    assert world.acme.feed_retention_days == 30
+    assert client.post(url, tenant_form(world, feed_retention_days="7")).status_code == 302
+    entry = AuditEntry.unscoped_all_tenants.get(tenant=world.acme, action="tenant.change")
+    assert entry.before["feed_retention_days"] == "30"
+    assert entry.after["feed_retention_days"] == "7"

@@ -6,7 +6,7 @@ from django.http import HttpRequest
 from apps.audit.services import record
 from apps.tenants.admin_base import AllTenantsAdmin, ReadOnlyAdmin
 from apps.tenants.models import ApiKey, Invitation, Membership, Tenant
-from apps.tenants.quotas import QUOTA_FIELDS
+from apps.tenants.quotas import SETTINGS_FIELDS
 
 # Admission limits are the platform's to set (staff, here), not the tenant's own Settings:
 # a tenant raising its own limit would defeat them.
@@ -15,12 +15,12 @@ ADMISSION_FIELDS = ("max_queued_steps", "max_events_per_s", "api_requests_per_mi
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "monthly_budget_usd", "created_at"]
+    list_display = ["slug", "name", "monthly_budget_usd", "feed_retention_days", "created_at"]
     search_fields = ["slug", "name"]
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
-        watched = (*QUOTA_FIELDS, *ADMISSION_FIELDS, "model_overrides", "outbound_allowlist")
+        watched = (*SETTINGS_FIELDS, *ADMISSION_FIELDS, "model_overrides", "outbound_allowlist")
         changed = [name for name in watched if name in form.changed_data]
         if change and changed:
             record(

@@ -11,7 +11,7 @@ from apps.graphs.forms import FocusFirstErrorForm
 from apps.tenants.api_keys import KEY_NAME_MAX
 from apps.tenants.keys import SCOPES
 from apps.tenants.models import Role
-from apps.tenants.quotas import MAX_ACTIVE_RUNS, MAX_USD
+from apps.tenants.quotas import FEED_RETENTION_DAYS_MAX, MAX_ACTIVE_RUNS, MAX_USD
 from apps.tenants.services import TENANT_NAME_MAX, Refused
 
 ROLE_CHOICES = [(role.value, role.label) for role in Role]
@@ -113,7 +113,7 @@ def _usd_field(label: str, help_text: str) -> forms.DecimalField:
     )
 
 
-class QuotasForm(FocusFirstErrorForm):
+class SettingsForm(FocusFirstErrorForm):
     monthly_budget_usd = _usd_field(
         "Monthly budget (USD)",
         "Inference spend allowed per calendar month (UTC) across all runs; running "
@@ -132,4 +132,16 @@ class QuotasForm(FocusFirstErrorForm):
         help_text="Runs queued or running at the same time; starting another is refused. "
         "Empty: no limit.",
         widget=forms.NumberInput(attrs={"min": "1", "step": "1"}),
+    )
+    feed_retention_days = forms.IntegerField(
+        label="Live feed retention (days)",
+        min_value=1,
+        max_value=FEED_RETENTION_DAYS_MAX,
+        error_messages={"required": "Enter how many days to keep a finished run's live feed."},
+        help_text="How long a finished run's page can replay its token stream. After that the "
+        "streamed text is deleted and the page shows the run's final outputs instead. "
+        f"1 to {FEED_RETENTION_DAYS_MAX}.",
+        widget=forms.NumberInput(
+            attrs={"min": "1", "max": str(FEED_RETENTION_DAYS_MAX), "step": "1"}
+        ),
     )

@@ -6,11 +6,17 @@ from typing import Any, ClassVar
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
 from apps.tenants.context import current_tenant
-from apps.tenants.quotas import QUOTA_FIELDS, check_quota_value
+from apps.tenants.quotas import (
+    FEED_RETENTION_DAYS_DEFAULT,
+    FEED_RETENTION_DAYS_MAX,
+    QUOTA_FIELDS,
+    check_quota_value,
+)
 from workers.inference.registry import RegistryError, check_overrides
 
 
@@ -34,6 +40,12 @@ class Tenant(models.Model):
     max_events_per_s = models.PositiveIntegerField(null=True, blank=True)
     # Requests per minute allowed to each of the tenant's API keys.
     api_requests_per_min = models.PositiveIntegerField(null=True, blank=True)
+    # Days a finished run keeps its live feed's frames; then the sweeper replaces them with
+    # a summary of the run's final outputs (apps.live.retention).
+    feed_retention_days = models.PositiveIntegerField(
+        default=FEED_RETENTION_DAYS_DEFAULT,
+        validators=[MinValueValidator(1), MaxValueValidator(FEED_RETENTION_DAYS_MAX)],
+    )
     # Per model: negotiated prices, quality tier, fallbacks (workers.inference.registry).
     model_overrides = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -7,7 +7,11 @@
 `monthly_budget_usd` is validated here as well; it is metered while tokens are generated
 (apps.runs.engine.budgets). None means no limit for each of them.
 
-Starting a run checks them (apps.runs.services.check_run_quotas)."""
+Starting a run checks them (apps.runs.services.check_run_quotas).
+
+Settings also holds `feed_retention_days`, a limit on what is kept rather than on what runs
+use: how long a finished run keeps its live feed's frames before the sweeper prunes them
+(apps.live.retention). It always has a value."""
 
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -16,6 +20,10 @@ MAX_USD = Decimal("100000")
 MAX_ACTIVE_RUNS = 10_000
 USD_FIELDS = ("monthly_budget_usd", "max_run_budget_usd")
 QUOTA_FIELDS = (*USD_FIELDS, "max_active_runs")
+FEED_RETENTION_DAYS_DEFAULT = 30
+FEED_RETENTION_DAYS_MAX = 3650  # ten years: past that, "forever" is what is meant
+# What the Settings page writes: the quotas, the budget and the feed's retention.
+SETTINGS_FIELDS = (*QUOTA_FIELDS, "feed_retention_days")
 
 
 def usd(value: Decimal) -> str:
@@ -43,3 +51,19 @@ def check_quota_value(field: str, value: Any) -> str | None:
     if amount.as_tuple().exponent < -6:  # type: ignore[operator]
         return "Use at most 6 decimal places."
     return None
+
+
+def check_feed_retention_days(value: Any) -> str | None:
+    """What is wrong with `value` as days to keep a finished run's feed, or None."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "Enter a whole number of days."
+    if not 1 <= value <= FEED_RETENTION_DAYS_MAX:
+        return f"Enter a number of days from 1 to {FEED_RETENTION_DAYS_MAX}."
+    return None
+
+
+def check_setting_value(field: str, value: Any) -> str | None:
+    """What is wrong with `value` for one of SETTINGS_FIELDS, or None."""
+    if field == "feed_retention_days":
+        return check_feed_retention_days(value)
+    return check_quota_value(field, value)

@@ -1,4 +1,4 @@
-"""Writes for tenants, memberships, invitations and quotas (API keys: api_keys.py). Each
+"""Writes for tenants, memberships, invitations and settings (API keys: api_keys.py). Each
 validates first, then writes in one transaction with its audit row; a refused write raises
 `Refused` (the fields it concerns and why) and has written nothing. Invite tokens never
 reach the audit log, only an invitation's id."""
@@ -26,7 +26,7 @@ from apps.tenants.models import (
     Tenant,
     hash_api_secret,
 )
-from apps.tenants.quotas import QUOTA_FIELDS, check_quota_value
+from apps.tenants.quotas import SETTINGS_FIELDS, check_setting_value
 
 FieldErrors = dict[str | None, list[str]]
 
@@ -403,7 +403,7 @@ def _accept(invitation: Invitation, user: AbstractBaseUser, *, via: str) -> Memb
     return membership
 
 
-# -- settings: budget and quotas ------------------------------------------------------------
+# -- settings: budget, quotas and feed retention ------------------------------------------
 
 
 def _audit_value(value: Decimal | int | None) -> str | int | None:
@@ -412,14 +412,14 @@ def _audit_value(value: Decimal | int | None) -> str | int | None:
     return value
 
 
-def update_quotas(*, tenant: Tenant, values: dict[str, Any], actor: Actor) -> list[str]:
-    """Sets the monthly budget and the quotas (None: no limit); returns the fields that
-    changed. One audit row with before and after of exactly those fields."""
+def update_settings(*, tenant: Tenant, values: dict[str, Any], actor: Actor) -> list[str]:
+    """Sets the monthly budget, the quotas (None: no limit) and the feed's retention; returns
+    the fields that changed. One audit row with before and after of exactly those fields."""
     errors: FieldErrors = {}
     for field, value in values.items():
-        if field not in QUOTA_FIELDS:
-            raise ValueError(f"{field} is not a quota field")
-        if problem := check_quota_value(field, value):
+        if field not in SETTINGS_FIELDS:
+            raise ValueError(f"{field} is not a settings field")
+        if problem := check_setting_value(field, value):
             errors[field] = [problem]
     if errors:
         raise Refused(errors)

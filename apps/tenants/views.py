@@ -1,5 +1,5 @@
 """Tenant self-service pages: sign-up, the user's tenants (create, switch), members and
-invitations, API keys, and quotas.
+invitations, API keys, and settings (quotas, budget, feed retention).
 
 Every write checks the role here, on the server, whatever the page showed, and goes
 through apps.tenants.services; what a service refuses is shown on the field it concerns.
@@ -37,8 +37,8 @@ from apps.tenants.api_keys import create_api_key, revoke_api_key
 from apps.tenants.forms import (
     ApiKeyForm,
     InviteForm,
-    QuotasForm,
     RoleForm,
+    SettingsForm,
     SignupForm,
     SwitchForm,
     TenantForm,
@@ -46,7 +46,7 @@ from apps.tenants.forms import (
 )
 from apps.tenants.middleware import choose_tenant, set_current_tenant
 from apps.tenants.models import ApiKey, Invitation, InviteState, Membership, Role
-from apps.tenants.quotas import QUOTA_FIELDS
+from apps.tenants.quotas import SETTINGS_FIELDS
 from apps.tenants.services import (
     AlreadyMember,
     InviteUnusable,
@@ -59,7 +59,7 @@ from apps.tenants.services import (
     remove_member,
     revoke_invite,
     sign_up,
-    update_quotas,
+    update_settings,
 )
 
 
@@ -439,10 +439,12 @@ def settings_view(request: HttpRequest) -> HttpResponse:
     can_write = membership.allows(Role.OWNER)
     if request.method == "POST":
         require_role(request, Role.OWNER)
-        form = QuotasForm(request.POST)
+        form = SettingsForm(request.POST)
         if form.is_valid():
             try:
-                changed = update_quotas(tenant=tenant, values=form.cleaned_data, actor=request.user)
+                changed = update_settings(
+                    tenant=tenant, values=form.cleaned_data, actor=request.user
+                )
             except Refused as exc:
                 attach(form, exc)
             else:
@@ -453,7 +455,8 @@ def settings_view(request: HttpRequest) -> HttpResponse:
                     messages.info(request, "Nothing changed.")
                 return redirect("tenants:settings")
     else:
-        form = QuotasForm(initial={name: _plain(getattr(tenant, name)) for name in QUOTA_FIELDS})
+        initial = {name: _plain(getattr(tenant, name)) for name in SETTINGS_FIELDS}
+        form = SettingsForm(initial=initial)
     if not can_write:
         for form_field in form.fields.values():
             form_field.disabled = True

@@ -1,6 +1,7 @@
 """Tenant self-service pages: sign-up, creating and switching tenants, members and roles,
-quotas and their enforcement when a run starts, the owner-only writes (403 for everyone
-else, 404 across tenants, nothing written), and the htmx answer to an expired session."""
+quotas and their enforcement when a run starts, the feed's retention, the owner-only writes
+(403 for everyone else, 404 across tenants, nothing written), and the htmx answer to an
+expired session."""
 
 import re
 from decimal import Decimal
@@ -18,7 +19,7 @@ from apps.tenants.api_keys import create_api_key
 from apps.tenants.context import tenant_context
 from apps.tenants.middleware import SESSION_TENANT_KEY
 from apps.tenants.models import ApiKey, Invitation, Membership, Role, Tenant
-from apps.tenants.services import invite_member
+from apps.tenants.services import Refused, invite_member, update_settings
 from tests.conftest import World
 from tests.web.test_pages import SPEC, sign_in, text
 
@@ -39,7 +40,11 @@ def state() -> dict[str, Any]:
         "users": User.objects.count(),
         "tenants": sorted(
             Tenant.objects.values_list(
-                "slug", "monthly_budget_usd", "max_active_runs", "max_run_budget_usd"
+                "slug",
+                "monthly_budget_usd",
+                "max_active_runs",
+                "max_run_budget_usd",
+                "feed_retention_days",
             )
         ),
         "memberships": sorted(
@@ -393,7 +398,11 @@ WRITES: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "revoke invite": ("tenants:revoke_invite", "invite", {}),
     "create key": ("tenants:create_key", None, {"name": "mine", "scopes": ["runs:read"]}),
     "revoke key": ("tenants:revoke_key", "key", {}),
-    "settings": ("tenants:settings", None, {"monthly_budget_usd": "1", "max_active_runs": "1"}),
+    "settings": (
+        "tenants:settings",
+        None,
+        {"monthly_budget_usd": "1", "max_active_runs": "1", "feed_retention_days": "7"},
+    ),
 }
 
 
@@ -459,7 +468,12 @@ def test_owner_sets_quotas_with_one_audit_entry_of_the_changed_fields(
     sign_in(client, world.owner)
     response = client.post(
         reverse("tenants:settings"),
-        {"monthly_budget_usd": "50.5", "max_run_budget_usd": "", "max_active_runs": "3"},
+        {
+            "monthly_budget_usd": "50.5",
+            "max_run_budget_usd": "",
+            "max_active_runs": "3",
+            "feed_retention_days": "30",
+        },
         follow=True,
     )
     assert response.redirect_chain == [(reverse("tenants:settings"), 302)]
@@ -474,7 +488,12 @@ def test_owner_sets_quotas_with_one_audit_entry_of_the_changed_fields(
 
     client.post(
         reverse("tenants:settings"),
-        {"monthly_budget_usd": "50.50", "max_run_budget_usd": "2", "max_active_runs": ""},
+        {
+            "monthly_budget_usd": "50.50",
+            "max_run_budget_usd": "2",
+            "max_active_runs": "",
+            "feed_retention_days": "30",
+        },
     )
     second = audit(world.acme, "tenant.settings")[1]
     assert second.before == {"max_run_budget_usd": None, "max_active_runs": 3}
@@ -483,7 +502,12 @@ def test_owner_sets_quotas_with_one_audit_entry_of_the_changed_fields(
     before = state()
     same = client.post(
         reverse("tenants:settings"),
-        {"monthly_budget_usd": "50.5", "max_run_budget_usd": "2.0", "max_active_runs": ""},
+        {
+            "monthly_budget_usd": "50.5",
+            "max_run_budget_usd": "2.0",
+            "max_active_runs": "",
+            "feed_retention_days": "30",
+        },
         follow=True,
     )
     assert "Nothing changed." in text(same)
@@ -500,6 +524,11 @@ def test_owner_sets_quotas_with_one_audit_entry_of_the_changed_fields(
         ("max_active_runs", "0", "Ensure this value is greater than or equal to 1."),
         ("max_active_runs", "2.5", "Enter a whole number."),
         ("max_active_runs", "100000", "Ensure this value is less than or equal to 10000."),
+        ("feed_retention_days", "0", "Ensure this value is greater than or equal to 1."),
+        ("feed_retention_days", "-1", "Ensure this value is greater than or equal to 1."),
+        ("feed_retention_days", "abc", "Enter a whole number."),
+        ("feed_retention_days", "3651", "Ensure this value is less than or equal to 3650."),
+        ("feed_retention_days", "9" * 30, "Ensure this value is less than or equal to 3650."),
     ],
 )
 def test_bad_quota_values_are_refused_on_the_field(
@@ -510,6 +539,7 @@ def test_bad_quota_values_are_refused_on_the_field(
         "monthly_budget_usd": "5",
         "max_run_budget_usd": "",
         "max_active_runs": "",
+        "feed_retention_days": "30",
         field: value,
     }
     response = sign_in(client, world.owner).post(reverse("tenants:settings"), data)
@@ -517,6 +547,40 @@ def test_bad_quota_values_are_refused_on_the_field(
     assert message in field_errors(text(response), field)
     assert f'value="{value}"' in text(response)  # kept for correction
     assert state() == before
+
+
+def test_owner_sets_the_feed_retention_and_cannot_empty_it(client: Client, world: World) -> None:
+    sign_in(client, world.owner)
+    data = {"monthly_budget_usd": "", "max_run_budget_usd": "", "max_active_runs": ""}
+    response = client.post(
+        reverse("tenants:settings"), {**data, "feed_retention_days": "7"}, follow=True
+    )
+    assert "Saved: live feed retention (days)." in text(response)
+    world.acme.refresh_from_db()
+    assert world.acme.feed_retention_days == 7
+    [entry] = audit(world.acme, "tenant.settings")
+    assert (entry.before, entry.after) == ({"feed_retention_days": 30}, {"feed_retention_days": 7})
+    assert re.search(r'<input[^>]*name="feed_retention_days"[^>]*value="7"', text(response))
+
+    before = state()
+    emptied = client.post(reverse("tenants:settings"), {**data, "feed_retention_days": ""})
+    assert emptied.status_code == 400
+    assert "Enter how many days to keep a finished run" in field_errors(
+        text(emptied), "feed_retention_days"
+    )
+    assert state() == before
+
+
+def test_the_settings_service_refuses_a_retention_out_of_bounds(world: World) -> None:
+    """Callers other than the form get the same bounds, and nothing is written."""
+    for value in (0, 3651, "30", True, None):
+        with pytest.raises(Refused) as refused:
+            update_settings(
+                tenant=world.acme, values={"feed_retention_days": value}, actor=world.owner
+            )
+        assert list(refused.value.errors) == ["feed_retention_days"]
+    world.acme.refresh_from_db()
+    assert world.acme.feed_retention_days == 30
 
 
 def _start(world: World, slug: str, spec: dict[str, Any]) -> Run:
