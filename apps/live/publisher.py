@@ -353,30 +353,55 @@ class FrameArchive:
                     item[1].set()
 
     def _write(self, batches: list[tuple[Any, ...]]) -> None:
-        from apps.live.models import RunFrame
-
         if not batches:
             return
         close_old_connections()
-        frames = [
-            RunFrame(tenant_id=tenant_id, run_id=run_id, seq=first + i, kind=kind,
-                     body=feed.numbered(first + i, text))
-            for _, tenant_id, run_id, first, kinds, texts in batches
-            for i, (kind, text) in enumerate(zip(kinds, texts, strict=True))
-        ]  # fmt: skip
+        tenants: list[int] = []
+        runs: list[str] = []
+        seqs: list[int] = []
+        kinds: list[str] = []
+        bodies: list[str] = []
+        for _, tenant_id, run_id, first, batch_kinds, texts in batches:
+            numbers = range(first, first + len(texts))
+            for seq, kind, text in zip(numbers, batch_kinds, texts, strict=True):
+                tenants.append(tenant_id)
+                runs.append(run_id)
+                seqs.append(seq)
+                kinds.append(kind)
+                bodies.append(feed.numbered(seq, text))
+        columns = (tenants, runs, seqs, kinds, bodies)
         try:
-            RunFrame.unscoped_all_tenants.bulk_create(frames, ignore_conflicts=True)
+            _insert_frames(columns)
         except IntegrityError:
             # A run deleted while its last frames were in flight: keep the others.
             from apps.runs.models import Run
 
-            existing = set(
-                Run.unscoped_all_tenants.filter(id__in={f.run_id for f in frames}).values_list(
+            existing = {
+                str(run_id)
+                for run_id in Run.unscoped_all_tenants.filter(id__in=set(columns[1])).values_list(
                     "id", flat=True
                 )
-            )
-            kept = [f for f in frames if UUID(str(f.run_id)) in existing]
-            RunFrame.unscoped_all_tenants.bulk_create(kept, ignore_conflicts=True)
+            }
+            keep = [n for n, run_id in enumerate(columns[1]) if run_id in existing]
+            _insert_frames(tuple([column[n] for n in keep] for column in columns))
+
+
+def _insert_frames(columns: tuple[list[Any], ...]) -> None:
+    """One INSERT of whole columns (unnest), not a model instance and a parameter group per
+    frame: at thousands of frames a second, building RunFrame objects for bulk_create was
+    the archive thread's largest cost, and it shares its process with the engine."""
+    from apps.live.models import RunFrame
+
+    if not columns[0]:
+        return
+    table = RunFrame._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (tenant_id, run_id, seq, kind, body)"
+            " SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::bigint[], %s::text[], %s::text[])"
+            " ON CONFLICT (run_id, seq) DO NOTHING",
+            list(columns),
+        )
 
 
 FEED = FeedPublisher()

@@ -194,3 +194,25 @@ def test_a_signed_in_member_follows_with_the_session_from_our_own_origin(world: 
         assert await stranger.closed_with() == 4404
 
     async_to_sync(scenario)()
+
+
+def test_the_archive_keeps_the_frames_of_runs_that_still_exist(world: World) -> None:
+    """A run deleted while its last frames were on their way to PostgreSQL: the batch's
+    other frames are archived anyway, and a repeated batch adds nothing."""
+    from uuid import uuid4
+
+    from apps.live.publisher import FrameArchive
+
+    run = queued_run(world)
+    batches = [
+        ("rows", run.tenant_id, str(run.id), 1, ["tokens", "run"], ['{"a":1}', '{"b":2}']),
+        ("rows", run.tenant_id, str(uuid4()), 1, ["tokens"], ['{"c":3}']),
+    ]
+    FrameArchive()._write(batches)
+    FrameArchive()._write(batches)
+    stored = RunFrame.unscoped_all_tenants.filter(run=run).order_by("seq")
+    assert [(f.seq, f.kind, f.body) for f in stored] == [
+        (1, "tokens", '{"seq":1,"a":1}'),
+        (2, "run", '{"seq":2,"b":2}'),
+    ]
+    assert RunFrame.unscoped_all_tenants.count() == 2
