@@ -88,3 +88,44 @@ def test_frames_published_while_the_subscription_was_lost_arrive_from_storage(
         await follower.disconnect()
 
     async_to_sync(scenario)()
+
+
+class Recorder:
+    def __init__(self, order: list[tuple[str, int]], name: str) -> None:
+        self.order, self.name = order, name
+
+    def offer(self, first: int, last: int, frames: str) -> None:
+        self.order.append((self.name, first))
+
+    def resync(self) -> None:
+        raise AssertionError("not expected")
+
+
+def test_messages_waiting_together_are_handed_out_round_robin_across_tenants() -> None:
+    """A noisy tenant's many busy runs do not queue ahead of a quiet tenant's few."""
+    from apps.live.hub import FeedHub, _Run
+
+    order: list[tuple[str, int]] = []
+    hub_ = FeedHub()
+    messages: list[dict[str, Any] | None] = []
+    for n in range(6):
+        channel = f"noisy-{n}".encode()
+        hub_._runs[channel] = _Run(1, {Recorder(order, f"noisy-{n}")})
+        messages.append({"type": "message", "channel": channel, "data": b"1 1\n{}"})
+    hub_._runs[b"quiet"] = _Run(2, {Recorder(order, "quiet")})
+    messages += [
+        {"type": "message", "channel": b"quiet", "data": f"{seq} {seq}\n{{}}".encode()}
+        for seq in (1, 2)
+    ]
+    hub_._hand_out(messages)
+    assert order == [
+        ("noisy-0", 1), ("quiet", 1), ("noisy-1", 1), ("quiet", 2),
+        ("noisy-2", 1), ("noisy-3", 1), ("noisy-4", 1), ("noisy-5", 1),
+    ]  # fmt: skip
+
+
+def test_the_publisher_orders_a_pass_round_robin_across_tenants() -> None:
+    from apps.live.publisher import _round_robin_by_tenant
+
+    runs = {f"n{i}": (1, [{"i": i}]) for i in range(4)} | {"q0": (2, []), "q1": (2, [])}
+    assert [run for run, *_ in _round_robin_by_tenant(runs)] == ["q0", "n0", "q1", "n1", "n2", "n3"]
