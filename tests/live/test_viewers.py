@@ -103,3 +103,56 @@ def test_gone_since_is_the_latest_departure() -> None:
     assert viewers.gone_since({b"a": str(now - 1).encode()}, None, now) is None
     assert viewers.gone_since({b"a": stale}, b"990.0", now) == 995.0
     assert viewers.gone_since({}, b"990.0", now) == 990.0
+
+
+def test_viewers_of_a_run_they_cannot_cancel_are_not_tracked(world: World) -> None:
+    """Bookkeeping only where it matters: following a `detach` run writes nothing."""
+    detached = queued_run(world, spec("detach"))
+    counted = queued_run(world, spec("cancel"), slug="g2")
+    key = bearer(world.acme)
+    client = feed_redis()
+
+    async def watch_both() -> None:
+        followers = [
+            Follower(run.id, headers=[(b"authorization", key.encode())])
+            for run in (detached, counted)
+        ]
+        for follower in followers:
+            await follower.connect()
+        assert not client.exists(viewers.viewers_key(detached.id))
+        assert len(client.hgetall(viewers.viewers_key(counted.id))) == 1
+        for follower in followers:
+            await follower.disconnect()
+
+    async_to_sync(watch_both)()
+    assert not client.exists(viewers.viewers_key(detached.id), viewers.left_key(detached.id))
+    assert client.hgetall(viewers.viewers_key(counted.id)) == {}
+    assert client.exists(viewers.left_key(counted.id))
+
+
+def test_one_task_per_process_refreshes_every_counted_viewer(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(viewers, "VIEWER_REFRESH_S", 0.2)
+    runs = [queued_run(world, spec("cancel"), slug=f"g{n}") for n in range(3)]
+    key = bearer(world.acme)
+    client = feed_redis()
+
+    def last_seen() -> list[float]:
+        return [
+            float(v) for run in runs for v in client.hgetall(viewers.viewers_key(run.id)).values()
+        ]
+
+    async def watch() -> None:
+        followers = [Follower(run.id, headers=[(b"authorization", key.encode())]) for run in runs]
+        for follower in followers:
+            await follower.connect()
+        first = last_seen()
+        await asyncio.sleep(0.5)
+        later = last_seen()
+        assert len(first) == len(later) == 3
+        assert all(b > a for a, b in zip(first, later, strict=True))
+        for follower in followers:
+            await follower.disconnect()
+
+    async_to_sync(watch)()
