@@ -22,6 +22,7 @@ class Platform:
     def __init__(self, label: str) -> None:
         self.label = label
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.web_procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {**os.environ, **overrides}
@@ -82,15 +83,22 @@ class Platform:
         self.procs.append(proc)
         return proc
 
-    def start_web(self, *, env: dict[str, str] | None = None) -> str:
-        """The ASGI server `make run` runs, on a free port; its base URL once it answers."""
+    def start_web(
+        self, *, env: dict[str, str] | None = None, workers: int = 1, name: str = "web"
+    ) -> str:
+        """The ASGI server `make run` runs, on a free port; its base URL once it answers.
+        `workers` above 1: uvicorn's supervisor and that many worker processes on the port.
+        `web_procs[url]` is the process (the supervisor, with workers), e.g. to kill it."""
         port = embedded.free_port()
-        log_path = self.log_path("web")
+        log_path = self.log_path(name)
         proc = processes.spawn(
-            processes.asgi_argv(port), env=self.env(**(env or {})), log_path=log_path
+            processes.asgi_argv(port, workers=workers),
+            env=self.env(**(env or {})),
+            log_path=log_path,
         )
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
+        self.web_procs[url] = proc
         processes.wait_until_serving(f"{url}/accounts/login/", proc, log_path)
         return url
 
@@ -111,3 +119,4 @@ class Platform:
     def stop(self) -> None:
         processes.stop_all(self.procs)
         self.procs.clear()
+        self.web_procs.clear()
