@@ -3,7 +3,7 @@ import json
 from django.contrib import admin
 from django.utils.safestring import SafeString
 
-from apps.live.models import RunFrame
+from apps.live.models import PruneCursor, PrunedFeed, RunFrame
 from apps.runs.models import Run
 from apps.tenants.admin_base import ReadOnlyAdmin, link, pretty_json
 
@@ -26,3 +26,22 @@ class RunFrameAdmin(ReadOnlyAdmin):
             return pretty_json(json.loads(frame.body))
         except ValueError:
             return pretty_json(frame.body)
+
+
+@admin.register(PrunedFeed)
+class PrunedFeedAdmin(ReadOnlyAdmin):
+    list_display = ["id", "run_link", "last_seq", "pruned_at", "tenant"]
+    list_filter = ["tenant"]
+    list_select_related = ["tenant"]
+    fields = ["id", "run_link", "last_seq", "pruned_at", "tenant"]
+    readonly_fields = ["run_link"]
+
+    @admin.display(description="run")
+    def run_link(self, pruned: PrunedFeed) -> SafeString:
+        return link(Run, pruned.run_id, f"run {str(pruned.run_id)[:8]}")
+
+
+@admin.register(PruneCursor)
+class PruneCursorAdmin(ReadOnlyAdmin):
+    list_display = ["tenant", "finished_at", "run_id"]
+    list_select_related = ["tenant"]

@@ -59,7 +59,16 @@ class Run(TenantModel):
 
     class Meta(TenantModel.Meta):
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["status", "deadline"], name="run_status_deadline")]
+        indexes = [
+            models.Index(fields=["status", "deadline"], name="run_status_deadline"),
+            # The feed's retention walks each tenant's finished runs oldest first
+            # (apps/live/retention.py).
+            models.Index(
+                fields=["tenant", "finished_at", "id"],
+                name="run_tenant_finished",
+                condition=models.Q(finished_at__isnull=False),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"run {self.id}"

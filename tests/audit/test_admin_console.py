@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from apps.audit.models import AuditEntry
 from apps.audit.services import record
-from apps.live.models import RunFrame
+from apps.live.models import PruneCursor, PrunedFeed, RunFrame
 from apps.runs.models import Effect, Event, Run, Step, Usage
 from apps.tenants.admin_base import ReadOnlyAdmin
 from apps.tenants.api_keys import create_api_key
@@ -68,6 +68,12 @@ def test_staff_without_permissions_can_view_every_read_only_page(world: World) -
     assert run is not None
     body = '{"type":"run","status":"running","seq":1}'
     RunFrame.unscoped_all_tenants.create(tenant=run.tenant, run=run, seq=1, kind="run", body=body)
+    PrunedFeed.unscoped_all_tenants.create(
+        tenant=run.tenant, run=run, last_seq=1, pruned_at=timezone.now()
+    )
+    PruneCursor.unscoped_all_tenants.create(
+        tenant=run.tenant, run_id=run.id, finished_at=timezone.now()
+    )
     invite_member(
         tenant=world.acme, email="new@example.com", role="viewer", base_url="http://x/",
         actor=world.owner,
