@@ -13,7 +13,7 @@ from celery import Task, shared_task
 from django.utils import timezone
 
 from apps.api import webhooks
-from apps.live import viewers
+from apps.live import retention, viewers
 from apps.runs import engine
 from apps.runs.engine import outbox
 from apps.streams import schedules
@@ -95,6 +95,9 @@ def sweep() -> None:
     # Runs with on_disconnect: cancel whose last viewer left more than the grace period ago.
     found["abandoned_runs"] = viewers.cancel_abandoned_runs()
     found["job_webhooks"] = webhooks.enqueue_due()
+    # Frames of runs finished longer ago than their tenant's retention; a pass at most every
+    # minute while there is nothing to prune (retention.prune_when_due).
+    found["pruned_frames"] = retention.prune_when_due()
     if any(found.values()):
         logger.info("sweeper: %s", found)
 

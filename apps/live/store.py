@@ -1,6 +1,7 @@
 """Reads a run's feed after a sequence number: the Redis stream first (the recent tail,
 where a follower usually resumes), PostgreSQL for what Redis no longer holds. Returns
-frame JSON texts in seq order, contiguous from `after + 1` as far as they go."""
+frame JSON texts in seq order, contiguous from `after + 1` as far as they go; a run whose
+frames were pruned (apps/live/retention.py) has one summary frame instead."""
 
 import logging
 from typing import Any
@@ -11,6 +12,7 @@ from django.db import connection
 
 from apps.live import feed
 from apps.live.models import RunFrame
+from apps.live.summary import is_summary, pruned_summary
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,11 @@ def _from_stream(entries: Any) -> Frames:
 
 
 def _from_archive(run_id: UUID | str, after: int, limit: int) -> Frames:
+    # A run pruned after its tenant's retention is its summary alone, whatever frames the
+    # sweeper has not deleted yet.
+    summary = pruned_summary(run_id, after)
+    if summary is not None:
+        return summary
     rows = RunFrame.unscoped_all_tenants.filter(run_id=run_id, seq__gt=after).order_by("seq")
     return list(rows.values_list("seq", "body")[:limit])
 
@@ -73,4 +80,6 @@ async def aread_after(run_id: UUID | str, after: int, limit: int) -> Frames:
     archived = await sync_to_async(_from_archive_on_a_thread, thread_sensitive=False)(
         run_id, after, limit
     )
+    if len(archived) == 1 and is_summary(archived[0][1]):
+        return archived  # the frames before it were pruned on purpose: no hole to warn of
     return merge(after, archived, recent)[:limit]
