@@ -2,7 +2,9 @@
 // WebSocket, or over SSE when a WebSocket will not open, and applies every frame once and
 // in order: token text into a panel per step, failed steps into an alert list, the run's
 // status into its badge. Step and run frames ask the htmx partials to reload themselves
-// (a `sluice:refresh` event on <body>). Plain ES2020, no framework, no build step.
+// (a `sluice:refresh` event on <body>). A run older than its tenant's feed retention has
+// one `pruned` frame instead: its note and final outputs replace the token panels.
+// Plain ES2020, no framework, no build step.
 (() => {
   "use strict";
 
@@ -45,7 +47,8 @@
     // terminal status (a failed run whose dead steps were replayed) before the live one.
     pendingRunStatus: "",
     refreshWanted: false,
-    finishing: false, // a terminal run frame came in the batch being applied
+    finishing: false, // a terminal run or pruned frame came in the batch being applied
+    pruned: false, // the feed was a pruned run's summary
     lastRunStatus: "", // from the latest run frame applied
     helloStatus: "", // the run's status when the server last said hello
     renderedStatus: root.dataset.status || "", // when the page was rendered
@@ -287,6 +290,48 @@
     if (TERMINAL.has(status)) state.finishing = true; // once the rest of this batch is in
   }
 
+  // -- a pruned run's summary ---------------------------------------------------------------
+
+  // The run finished longer ago than its tenant keeps feeds: its frames were deleted, and
+  // its feed says only how it ended and what its terminal nodes produced.
+  function applyPruned(frame) {
+    state.pruned = true;
+    const status = String(frame.status ?? "");
+    state.lastRunStatus = status;
+    if (status) setRunStatus(status); // the run's final word: no replay can come after it
+    const note = byId("token-empty");
+    if (note) {
+      note.textContent = String(frame.detail ?? "This run's live feed was pruned.");
+      note.dataset.pruned = "true";
+      note.hidden = false;
+    }
+    const container = byId("token-panels");
+    const outputs = Array.isArray(frame.outputs) ? frame.outputs : [];
+    if (container) for (const output of outputs) container.append(outputPanel(output));
+    const more = byId("token-overflow");
+    if (more && frame.outputs_truncated) {
+      more.textContent = `Only the first ${outputs.length} outputs are shown; the steps table below has them all.`;
+      more.hidden = false;
+    }
+    state.finishing = true;
+  }
+
+  function outputPanel(output) {
+    const node = String(output?.node ?? "");
+    const section = document.createElement("section");
+    section.className = "token-panel pruned-output";
+    section.dataset.node = node;
+    const heading = document.createElement("h3");
+    heading.append(code(node));
+    const pre = document.createElement("pre");
+    pre.className = "json";
+    pre.tabIndex = 0; // a scrollable region must be reachable by keyboard
+    pre.setAttribute("aria-label", `Output of ${node}`);
+    pre.textContent = JSON.stringify(output?.payload ?? null, null, 2);
+    section.append(heading, pre);
+    return section;
+  }
+
   // -- frames in order ---------------------------------------------------------------------
 
   // A gap should never happen. The first time, reconnect from the last frame applied; if
@@ -305,7 +350,10 @@
   function applyFrame(frame) {
     const seq = Number(frame.seq);
     if (!Number.isFinite(seq) || seq <= state.lastSeq) return true; // seen already
-    if (seq > state.lastSeq + 1 && !acceptGap(`frame ${seq} after ${state.lastSeq}`)) {
+    // A pruned frame is numbered like the run's last frame: those before it are gone on
+    // purpose, not a gap.
+    const jumps = frame.type === "pruned";
+    if (!jumps && seq > state.lastSeq + 1 && !acceptGap(`frame ${seq} after ${state.lastSeq}`)) {
       return false;
     }
     try {
@@ -315,6 +363,8 @@
         applyStep(frame);
       } else if (frame.type === "run") {
         applyRun(frame);
+      } else if (frame.type === "pruned") {
+        applyPruned(frame);
       }
     } catch (err) {
       console.error("live: could not apply frame", frame, err); // and go on: never stall
@@ -423,7 +473,7 @@
       requestRefresh();
     }
     const empty = byId("token-empty");
-    if (empty && !state.panels.size && !state.overflow.size) {
+    if (empty && !state.pruned && !state.panels.size && !state.overflow.size) {
       empty.textContent = "No step streamed text in this run.";
     }
   }
@@ -462,7 +512,9 @@
     state.catchingUp = false;
     clearTimeout(state.quietTimer);
     setLiveState("reconnecting");
-    const delay = state.backoff;
+    // Jitter over the upper half of the backoff: the followers a dead web process dropped
+    // all at once come back spread out rather than in one storm.
+    const delay = state.backoff / 2 + Math.random() * (state.backoff / 2);
     state.backoff = Math.min(state.backoff * 2, BACKOFF_MAX_MS);
     state.reconnectTimer = setTimeout(() => {
       state.reconnectTimer = 0;
@@ -547,7 +599,7 @@
     source.addEventListener("open", () => {
       if (state.source === source) startCatchingUp();
     });
-    for (const type of ["tokens", "step", "run"]) {
+    for (const type of ["tokens", "step", "run", "pruned"]) {
       source.addEventListener(type, (event) => {
         if (state.source !== source) return;
         let frame;

@@ -1,7 +1,8 @@
 """The run page, live, in Chromium: tokens stream into the page as the engine emits them, a
 reload or a page opened later shows exactly the step's output, closing the page of an
 `on_disconnect: cancel` run stops it after the grace period (a reload inside it does not),
-and a failed step shows up without a reload.
+a failed step shows up without a reload, and a run pruned after its tenant's retention
+shows its summary and final outputs.
 
 Real workers, beat and ASGI server; the simulated engine runs at 20 tokens/s here, so a
 120-token answer streams for about six seconds.
@@ -11,18 +12,23 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 from playwright.sync_api import BrowserContext, Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from apps.live.models import PrunedFeed, RunFrame
+from apps.live.retention import prune_expired_frames
 from apps.runs.models import Event, Run, RunStatus, Step, StepStatus
 from apps.runs.services import start_run
 from apps.tenants.context import tenant_context
 from tests.browser.helpers import BrowserLog, login
 from tests.conftest import World
 from tests.harness.platform import Platform
+from tests.live.feedkit import forget_redis_tail
 from tests.runs.helpers import wait_for_run, wait_until
 from workers.queues import CPU_WORKER_QUEUES
 
@@ -320,4 +326,32 @@ def test_a_failed_step_shows_its_error_without_a_reload(
     expect(failure).to_contain_text(call.error)
     expect(page.locator("#run-status")).to_have_attribute("data-status", "failed")
     assert same_document(page), "the page reloaded instead of updating in place"
+    assert browser_log.script_errors() == []
+
+
+def test_an_old_runs_page_shows_the_pruned_summary_and_its_outputs(
+    world: World, live_url: str, page: Page, browser_log: BrowserLog
+) -> None:
+    run = wait_for_run(start(world, "old", llm_spec(max_tokens=10)), timeout=30)
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    archived = RunFrame.unscoped_all_tenants.filter(run=run, kind="run")
+    wait_until(archived.exists, 10, "the run's last frame to be archived")
+    finished = timezone.now() - timedelta(days=31)
+    Run.unscoped_all_tenants.filter(pk=run.pk).update(finished_at=finished)
+    prune_expired_frames()  # beat's sweeper may have been first: either way, it is done
+    assert not RunFrame.unscoped_all_tenants.filter(run=run).exists()
+    assert PrunedFeed.unscoped_all_tenants.filter(run=run).exists()
+    forget_redis_tail(run.id)
+
+    login(page, live_url, "viewer")
+    open_run(page, live_url, run)
+    expect(page.locator("#live-state")).to_have_text("finished")
+    expect(page.locator("#token-empty")).to_contain_text(
+        "This run finished more than 30 days ago; its token frames were pruned"
+    )
+    output = page.locator('#token-panels section.pruned-output[data-node="gen"] pre.json')
+    expect(output).to_have_count(1)
+    expect(output).to_contain_text(output_text(run).split()[0])
+    expect(page.locator("#token-panels section.token-panel[data-step]")).to_have_count(0)
+    expect(page.locator("#run-status")).to_have_attribute("data-status", "succeeded")
     assert browser_log.script_errors() == []
