@@ -270,12 +270,17 @@ class FeedPublisher:
     ) -> int:
         """A run's first frames (or the first after its counter expired): start the counter
         at the highest number PostgreSQL holds, so numbers never repeat."""
-        from apps.live.models import RunFrame
+        from apps.live.models import PrunedFeed, RunFrame
 
         close_old_connections()
-        highest = RunFrame.unscoped_all_tenants.filter(run_id=run_id).aggregate(m=Max("seq"))["m"]
+        stored = RunFrame.unscoped_all_tenants.filter(run_id=run_id).aggregate(m=Max("seq"))["m"]
+        # A pruned run's frames are gone, but their numbers were given out.
+        pruned = PrunedFeed.unscoped_all_tenants.filter(run_id=run_id).values_list(
+            "last_seq", flat=True
+        )
+        highest = max(stored or 0, *pruned)
         connection.close()  # once per run: not worth holding a connection for
-        client.set(feed.counter_key(run_id), highest or 0, nx=True, ex=feed.COUNTER_TTL_S)
+        client.set(feed.counter_key(run_id), highest, nx=True, ex=feed.COUNTER_TTL_S)
         args = _script_args(tenant_id, run_id)
         return int(append(keys=_keys(run_id), args=[*args, *texts]))
 

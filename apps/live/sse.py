@@ -67,7 +67,10 @@ def sse_event(seq: int, text: str) -> str:
 
 
 def _is_final_run_frame(text: str) -> bool:
+    """The run's end, or the summary that stands for a pruned run's whole feed."""
     frame = json.loads(text)
+    if frame.get("type") == "pruned":
+        return True
     return frame.get("type") == "run" and frame.get("status") not in ACTIVE_RUN_STATUSES
 
 

@@ -268,6 +268,9 @@ def test_sse_gives_the_pruned_frame_as_its_own_event_then_no_content(
         assert (event["id"], event["event"]) == (str(seq), "pruned")
         frame = json.loads(event["data"])
         assert frame["outputs"] == outputs_of(run) and frame["status"] == "succeeded"
+        # The summary is the feed's end: the server closes the stream (a read past its
+        # end would time out instead).
+        assert stream.response.read() == b""
     finally:
         stream.close()
     again = EventStream(
@@ -318,3 +321,13 @@ def test_a_run_replayed_after_pruning_is_followed_by_its_frames_until_pruned_ane
     assert prune_expired_frames() == second_life - first_life
     [(seq, _)] = pruned_summary(run.id, 0) or []
     assert seq == second_life  # the summary comes after the second life's frames
+
+
+def test_a_pruned_runs_numbers_are_not_given_out_again_when_its_counter_expired(
+    world: World,
+) -> None:
+    run, seq = pruned_run(world)
+    feed.feed_redis().delete(feed.counter_key(run.id))  # quiet for a week: the counter expired
+    FEED.frame(run.tenant_id, run.id, {"type": "run", "status": "succeeded"})
+    assert FEED.flush()
+    assert int(feed.feed_redis().get(feed.counter_key(run.id))) == seq + 1
