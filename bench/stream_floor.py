@@ -7,9 +7,9 @@ on the Redis channel `floor.<run id>` as it is, one WebSocket text message each 
 producer publishes `{"type": "frames", "frames": [...]}`, the same messages the real feed
 sends). Acks are read and ignored. No authentication, no database, no storage, no
 catch-up, no window: the least a server can do to carry those frames, on the same
-WebSocket library, event loop (uvloop), compression (permessage-deflate, as a browser
-asks) and Redis client as the real one. Prints `ready` on stdout once it listens and is
-subscribed.
+WebSocket library, event loop (uvloop) and Redis client as the real one, and like it
+without compression (the web processes run without permessage-deflate:
+sluice.processes.asgi_argv). Prints `ready` on stdout once it listens and is subscribed.
 """
 
 import argparse
@@ -71,7 +71,7 @@ async def forward(client: Any) -> None:
 
 async def main(port: int, redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
-    async with serve(follow, "127.0.0.1", port):
+    async with serve(follow, "127.0.0.1", port, compression=None):
         forwarder = asyncio.create_task(forward(client))
         await ready.wait()
         sys.stdout.write("ready\n")

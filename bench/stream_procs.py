@@ -1,9 +1,15 @@
-"""The stream benchmark's processes: the ASGI server, the floor server and the client
-processes (started, driven, stopped), and the CPU each has used, read from /proc."""
+"""The stream benchmark's processes: the web processes (uvicorn), the floor server and the
+client processes (started, driven, stopped), and the CPU and memory each has used, read
+from /proc.
+
+Every process here inherits this one's open-file limit, which raise_nofile lifts to the
+hard limit first (idle connections by the thousand: a socket each in the clients and the
+web process, beside its Redis connections)."""
 
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -16,16 +22,43 @@ from sluice.embedded_paths import BASE_DIR
 START_TIMEOUT_S = 60.0
 
 
-def start_asgi(root: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = embedded.free_port()
-    log = root / "asgi.log"
-    proc = processes.spawn(processes.asgi_argv(port), env=dict(os.environ), log_path=log)
+def raise_nofile() -> int:
+    """Lifts this process's soft limit on open files to its hard limit (children inherit
+    it); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def start_asgi(root: Path, name: str = "asgi") -> tuple[subprocess.Popen[bytes], int]:
+    """One uvicorn process serving Sluice (`sluice.processes.asgi_argv`), its output in
+    `<name>.log`, returned once it answers."""
+    return start_web(root, 1, name)[0]
+
+
+def start_web(
+    root: Path, count: int, name: str = "asgi"
+) -> list[tuple[subprocess.Popen[bytes], int]]:
+    """`count` separate uvicorn processes on ports of their own, as web replicas behind a
+    load balancer would be (not one supervisor's workers sharing a socket: a client picks
+    its process, and one can be killed on its own). Logs: `<name>.log`, or `<name>-<n>.log`
+    for several. Started together, returned once each answers."""
+    started: list[tuple[subprocess.Popen[bytes], int, Path]] = []
     try:
-        processes.wait_until_serving(f"http://127.0.0.1:{port}/accounts/login/", proc, log)
+        for n in range(count):
+            port = embedded.free_port()
+            log = root / (f"{name}.log" if count == 1 else f"{name}-{n}.log")
+            argv = processes.asgi_argv(port)
+            started.append((processes.spawn(argv, env=dict(os.environ), log_path=log), port, log))
+        for proc, port, log in started:
+            processes.wait_until_serving(f"http://127.0.0.1:{port}/accounts/login/", proc, log)
     except RuntimeError:
-        processes.stop_all([proc])
+        processes.stop_all([proc for proc, _, _ in started])
         raise
-    return proc, port
+    return [(proc, port) for proc, port, _ in started]
 
 
 def start_floor(root: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -130,3 +163,21 @@ def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
                     todo.extend(children.get(pid, []))
         out[name] = total
     return out
+
+
+def rss_mb(roots: list[int]) -> float:
+    """Resident memory (VmRSS) of these processes and their descendants, in MiB."""
+    stats = _stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total_kb = 0
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+    return total_kb / 1024
