@@ -18,6 +18,7 @@ from uuid import UUID, uuid4
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connection
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
@@ -37,8 +38,14 @@ DRAIN_AFTER_END_S = 1.0
 
 
 def _resolve(request: HttpRequest, run_id: UUID) -> tuple[str, FollowedRun | None]:
-    session_tenant = request.session.get(SESSION_TENANT_KEY)
-    return run_for(request.headers.get("Authorization"), request.user, session_tenant, run_id)
+    """Runs on the request's own sync thread, whose database connection Django would keep
+    until the response ends: for a stream, as long as the follower stays. Closed here, so
+    5,000 open streams hold no PostgreSQL connection (they held one each)."""
+    try:
+        session_tenant = request.session.get(SESSION_TENANT_KEY)
+        return run_for(request.headers.get("Authorization"), request.user, session_tenant, run_id)
+    finally:
+        connection.close()
 
 
 @require_GET

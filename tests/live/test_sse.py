@@ -165,3 +165,37 @@ def test_only_members_and_keys_of_the_runs_tenant_may_read_it(world: World, web:
     finally:
         stream.close()
     assert status({"Cookie": session_cookie(world.outsider)})[0] == 404
+
+
+def test_open_streams_hold_no_database_connection(world: World, web: str) -> None:
+    """A stream resolves its follower on the request's thread, then lets the database go:
+    thousands of quiet followers must not use up PostgreSQL's connections."""
+    from django.db import connection
+
+    runs = [queued_run(world, slug=f"quiet{n}") for n in range(3)]
+    key = bearer(world.acme)
+    member = {"Cookie": session_cookie(world.viewer)}
+
+    def backends() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            )
+            return int(cursor.fetchone()[0])
+
+    before = backends()
+    streams = [
+        EventStream(web, f"/api/runs/{run.id}/events", headers)
+        for run in runs
+        for headers in ({"Authorization": key}, member)
+    ]
+    try:
+        for stream in streams:
+            assert stream.response.status == 200
+            assert stream.events(1) == [{"retry": "2000"}]  # resolved, and now waiting
+        assert backends() <= before + 1  # the web process may keep one, not one each
+        publish_tokens(runs[0], WORDS[:2])
+        assert [e["id"] for e in streams[0].events(2)] == ["1", "2"]
+    finally:
+        for stream in streams:
+            stream.close()
