@@ -60,8 +60,13 @@ def merge(after: int, archived: Frames, recent: Frames) -> Frames:
     return out
 
 
-def _tail_is_enough(after: int, oldest: Frames) -> bool:
-    """Redis alone answers when its stream still holds frame after + 1 or an older one."""
+def _tail_is_enough(after: int, oldest: Frames, counter: bytes | None) -> bool:
+    """Redis alone answers when its stream still holds frame after + 1 or an older one, or
+    when the run's counter says no frame after `after` was ever numbered (a quiet run, a
+    follower caught up): then PostgreSQL has none either, and thousands of idle followers
+    cost it no query."""
+    if counter is not None and int(counter) <= after:
+        return True
     return bool(oldest) and oldest[0][0] <= after + 1
 
 
@@ -69,13 +74,15 @@ def _tail_reads(pipe: Any, run_id: UUID | str, after: int, limit: int) -> Any:
     key = feed.stream_key(run_id)
     pipe.xrange(key, min=f"{after + 1}-0", max="+", count=limit)
     pipe.xrange(key, min="-", max="+", count=1)
+    pipe.get(feed.counter_key(run_id))
     return pipe
 
 
 async def aread_after(run_id: UUID | str, after: int, limit: int) -> Frames:
     pipe = _tail_reads(feed.async_feed_redis().pipeline(transaction=False), run_id, after, limit)
-    recent, oldest = (_from_stream(entries) for entries in await pipe.execute())
-    if _tail_is_enough(after, oldest):
+    recent_entries, oldest_entries, counter = await pipe.execute()
+    recent, oldest = _from_stream(recent_entries), _from_stream(oldest_entries)
+    if _tail_is_enough(after, oldest, counter):
         return recent
     archived = await sync_to_async(_from_archive_on_a_thread, thread_sensitive=False)(
         run_id, after, limit
