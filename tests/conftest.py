@@ -1,7 +1,9 @@
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -45,11 +47,36 @@ def _fresh_logs() -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _feed_archive_let_go(django_db_setup: None) -> Iterator[None]:
+def _feed_archive_let_go(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
     """Torn down before the test database is dropped: the live feed's archive thread keeps
     its connection while frames keep coming, and lets go of it on a flush."""
     yield
     FEED.flush()
+    with django_db_blocker.unblock():
+        _other_sessions_gone()
+
+
+def _other_sessions_gone(wait_s: float = 5.0) -> None:
+    """The test database is dropped next, which fails while any other session is on it. A
+    process the harness stopped may take a moment to let go; one still there after
+    `wait_s` is named on stderr (a leak to look at) and ended, so the drop succeeds."""
+    from django.db import connection
+
+    query = (
+        "SELECT pid, application_name, backend_type, state, left(query, 120)"
+        " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    deadline = time.monotonic() + wait_s
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(query)
+            others = cursor.fetchall()
+            if not others or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for pid, *about in others:
+            print(f"\nStill on the test database at the end: {about}", file=sys.__stderr__)
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
 
 
 @pytest.fixture(scope="session")
