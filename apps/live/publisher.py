@@ -361,51 +361,66 @@ class FrameArchive:
         if not batches:
             return
         close_old_connections()
-        tenants: list[int] = []
-        runs: list[str] = []
-        seqs: list[int] = []
-        kinds: list[str] = []
-        bodies: list[str] = []
-        for _, tenant_id, run_id, first, batch_kinds, texts in batches:
-            numbers = range(first, first + len(texts))
-            for seq, kind, text in zip(numbers, batch_kinds, texts, strict=True):
-                tenants.append(tenant_id)
-                runs.append(run_id)
-                seqs.append(seq)
-                kinds.append(kind)
-                bodies.append(feed.numbered(seq, text))
-        columns = (tenants, runs, seqs, kinds, bodies)
+        rows = [
+            (tenant_id, run_id, seq, kind, feed.numbered(seq, text))
+            for _, tenant_id, run_id, first, kinds, texts in batches
+            for seq, kind, text in zip(range(first, first + len(texts)), kinds, texts, strict=True)
+        ]
         try:
-            _insert_frames(columns)
+            _copy_frames(rows)
+            return
+        except IntegrityError:
+            pass  # a frame archived already (a batch sent again), or a run deleted meanwhile
+        try:
+            _insert_new_frames(rows)
         except IntegrityError:
             # A run deleted while its last frames were in flight: keep the others.
             from apps.runs.models import Run
 
+            runs = {row[1] for row in rows}
             existing = {
                 str(run_id)
-                for run_id in Run.unscoped_all_tenants.filter(id__in=set(columns[1])).values_list(
+                for run_id in Run.unscoped_all_tenants.filter(id__in=runs).values_list(
                     "id", flat=True
                 )
             }
-            keep = [n for n, run_id in enumerate(columns[1]) if run_id in existing]
-            _insert_frames(tuple([column[n] for n in keep] for column in columns))
+            _insert_new_frames([row for row in rows if row[1] in existing])
 
 
-def _insert_frames(columns: tuple[list[Any], ...]) -> None:
-    """One INSERT of whole columns (unnest), not a model instance and a parameter group per
-    frame: at thousands of frames a second, building RunFrame objects for bulk_create was
-    the archive thread's largest cost, and it shares its process with the engine."""
+# Frames are written with COPY: at thousands of frames a second, building a RunFrame per
+# frame for bulk_create, or Python-side arrays for INSERT ... unnest (20 us of CPU a frame),
+# was the archive thread's largest cost, and it shares its process with the engine. COPY
+# costs under 1 us a frame. It cannot skip conflicts, so a batch it refuses goes again
+# through the INSERT, which can.
+COLUMNS = "(tenant_id, run_id, seq, kind, body)"
+
+
+def _copy_frames(rows: list[tuple[Any, ...]]) -> None:
     from apps.live.models import RunFrame
 
-    if not columns[0]:
+    table = RunFrame._meta.db_table
+    with (
+        connection.cursor() as cursor,
+        connection.wrap_database_errors,
+        cursor.cursor.copy(f"COPY {table} {COLUMNS} FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row(row)
+
+
+def _insert_new_frames(rows: list[tuple[Any, ...]]) -> None:
+    from apps.live.models import RunFrame
+
+    if not rows:
         return
     table = RunFrame._meta.db_table
+    columns = [list(column) for column in zip(*rows, strict=True)]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {table} (tenant_id, run_id, seq, kind, body)"
+            f"INSERT INTO {table} {COLUMNS}"
             " SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::bigint[], %s::text[], %s::text[])"
             " ON CONFLICT (run_id, seq) DO NOTHING",
-            list(columns),
+            columns,
         )
 
 
