@@ -28,7 +28,7 @@ from django.conf import settings
 
 from apps.live import viewers
 from apps.live.access import FollowedRun, header, parse_after, run_for
-from apps.live.hub import hub
+from apps.live.hub import Batch, hub
 from apps.live.store import Frames, aread_after
 from apps.tenants.middleware import SESSION_TENANT_KEY
 
@@ -55,7 +55,7 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
     next_seq = 1
     acked = 0
     latest_seen = 0  # the highest seq heard live, sent or not
-    pending: list[tuple[int, int, str]] | None = None  # live batches not yet sent
+    pending: list[Batch] | None = None  # live batches not yet sent
     sender: asyncio.Task[None] | None = None
     viewer_id = ""
 
@@ -120,13 +120,13 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
 
     # -- from the hub (on the event loop; never blocks) -----------------------------------
 
-    def offer(self, first: int, last: int, frames: str) -> None:
-        self.latest_seen = max(self.latest_seen, last)
-        if not self.live or last < self.next_seq:
+    def offer(self, batch: Batch) -> None:
+        self.latest_seen = max(self.latest_seen, batch.last)
+        if not self.live or batch.last < self.next_seq:
             return  # storage has them; or already sent from storage
         if self.pending is None:
             self.pending = []
-        self.pending.append((first, last, frames))
+        self.pending.append(batch)
         self._wake()
 
     def resync(self) -> None:
@@ -157,17 +157,17 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
         finally:
             self.sender = None
 
-    async def _send_live(self, batches: list[tuple[int, int, str]]) -> bool:
+    async def _send_live(self, batches: list[Batch]) -> bool:
         """Sends the batches that follow next_seq as one message; False when one does not
         follow on, or the client's window has no room for them."""
         parts, expected = [], self.next_seq
-        for first, last, frames in batches:
-            if last < expected:
+        for batch in batches:
+            if batch.last < expected:
                 continue
-            if first != expected:
+            if batch.first != expected:
                 return False
-            parts.append(frames)
-            expected = last + 1
+            parts.append(batch.array_items)
+            expected = batch.last + 1
         if not parts:
             return True
         if expected - self.next_seq > self._room():

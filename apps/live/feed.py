@@ -6,8 +6,8 @@ frames in one step. Shared by the writer (publisher.py) and the readers (store.p
   field `f` = the frame's JSON. PostgreSQL (RunFrame) has them all; this is the hot tail.
 - `sluice:feed:t<tenant>:{<run>}`: the pub/sub channel live followers hear, partitioned by
   tenant and run. The script publishes each batch there as `<first seq> <last seq>\n`
-  followed by the frames' JSON objects joined by commas: a web process's hub
-  (apps/live/hub.py) reads the header only and passes the text on unparsed.
+  followed by the frames' JSON objects, one per line (JSON text has no raw newline): a web
+  process's hub (apps/live/hub.py) reads the header only and passes the text on unparsed.
 """
 
 import asyncio
@@ -71,7 +71,7 @@ for i = 1, n do
 end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[1], first .. ' ' .. last .. '\\n' .. table.concat(frames, ','))
+redis.call('PUBLISH', ARGV[1], first .. ' ' .. last .. '\\n' .. table.concat(frames, '\\n'))
 return first
 """
 

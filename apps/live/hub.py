@@ -2,10 +2,11 @@
 followers of the run (WebSocket and SSE alike).
 
 The publisher's script (feed.APPEND_SCRIPT) publishes each batch of a run's frames on the
-run's channel as `<first seq> <last seq>\\n<frame>,<frame>,...`. The hub reads those
-messages on one connection per process (per event loop), parses only the header, and
-offers the text, unchanged and shared, to every listener of the run: a WebSocket follower
-sends it on as is, an SSE follower takes it as a wake-up and reads the run's stream.
+run's channel as `<first seq> <last seq>\\n` and the frames' JSON, one per line. The hub
+reads those messages on one connection per process (per event loop), parses only the
+header, and offers one Batch, shared, to every listener of the run: a WebSocket follower
+sends its frames on as one JSON array's items, an SSE follower as events; neither parses
+them nor reads Redis for them.
 
 A listener is registered before it first reads storage, and `follow` returns only once
 Redis has confirmed the subscription, so nothing published after that read can be missed.
@@ -24,6 +25,7 @@ import logging
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from apps.live import feed
@@ -36,10 +38,27 @@ RECONNECT_S = (0.1, 2.0)  # first and longest wait before subscribing again afte
 HUB_CHANNEL = "sluice:feed:hub"
 
 
+class Batch:
+    """Frames first..last of a run as published: their JSON texts, one per line."""
+
+    def __init__(self, first: int, last: int, lines: str) -> None:
+        self.first, self.last, self.lines = first, last, lines
+
+    @cached_property
+    def array_items(self) -> str:
+        """The frames as the items of a JSON array (a WebSocket message's)."""
+        return self.lines.replace("\n", ",")
+
+    @cached_property
+    def frames(self) -> list[tuple[int, str]]:
+        """(seq, JSON text) of each frame."""
+        return list(zip(range(self.first, self.last + 1), self.lines.split("\n"), strict=True))
+
+
 class Listener(Protocol):
-    def offer(self, first: int, last: int, frames: str) -> None:
-        """Frames first..last of the run, comma-separated JSON objects. Called on the event
-        loop's thread; must not block or await."""
+    def offer(self, batch: Batch) -> None:
+        """Called on the event loop's thread, in seq order as published; must not block or
+        await."""
 
     def resync(self) -> None:
         """Frames may have been missed: read storage again."""
@@ -186,12 +205,12 @@ class FeedHub:
 
 
 def _offer(run: _Run, data: bytes) -> None:
-    header, _, frames = data.partition(b"\n")
+    header, _, lines = data.partition(b"\n")
     first, _, last = header.partition(b" ")
-    text = frames.decode()
+    batch = Batch(int(first), int(last), lines.decode())
     for listener in list(run.listeners):
         try:
-            listener.offer(int(first), int(last), text)
+            listener.offer(batch)
         except Exception:
             logger.exception("feed hub: a listener failed to take frames %s..%s", first, last)
 

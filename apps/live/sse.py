@@ -2,11 +2,12 @@
 and proxies that cannot hold a WebSocket. The same frames, numbered as event ids, so
 `Last-Event-ID` resumes exactly after the last one received.
 
-Each connection reads from storage after its cursor and, when caught up, waits to be woken
-by its process's hub (hub.py: one Redis subscription per run per process, shared with the
-WebSocket followers), then reads again. A slow client only slows its own reads (the ASGI
-server waits for the socket before taking the next chunk), so nothing piles up for it, and
-a waiting connection holds no Redis connection.
+Each connection reads from storage after its cursor; then, caught up, it takes the frames
+its process's hub offers (hub.py: one Redis subscription per run per process, shared with
+the WebSocket followers), with no Redis read of its own. A gap in them, or a client too
+slow to take PENDING_MAX of them (the ASGI server waits for the socket before taking the
+next chunk), sends it back to storage: nothing piles up for it, and a waiting connection
+holds no Redis connection.
 """
 
 import asyncio
@@ -25,13 +26,14 @@ from django.views.decorators.http import require_GET
 
 from apps.live import viewers
 from apps.live.access import FollowedRun, parse_after, run_for
-from apps.live.hub import hub
-from apps.live.store import aread_after
+from apps.live.hub import Batch, hub
+from apps.live.store import Frames, aread_after
 from apps.runs.models import ACTIVE_RUN_STATUSES
 from apps.tenants.middleware import SESSION_TENANT_KEY
 from sluice.problems import problem
 
 BATCH = 256
+PENDING_MAX = 1024  # live frames held for a connection before it reads storage instead
 RETRY_MS = 2000
 # After the run's final frame, frames of steps still winding down may follow briefly.
 DRAIN_AFTER_END_S = 1.0
@@ -81,17 +83,48 @@ def _is_final_run_frame(text: str) -> bool:
     return frame.get("type") == "run" and frame.get("status") not in ACTIVE_RUN_STATUSES
 
 
-class _Wakeup:
-    """An SSE connection's hub listener: frames mean "read storage again"."""
+class _Follower:
+    """An SSE connection's hub listener: the live batches offered since it last took them,
+    up to PENDING_MAX frames (a client too slow to take them reads storage instead)."""
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
+        self.pending: list[Batch] = []
+        self.pending_frames = 0
+        self.missed = False  # frames were dropped or missed: storage must be read
 
-    def offer(self, first: int, last: int, frames: str) -> None:
+    def offer(self, batch: Batch) -> None:
+        if not self.missed:
+            self.pending_frames += batch.last - batch.first + 1
+            if self.pending_frames > PENDING_MAX:
+                self.resync()
+                return
+            self.pending.append(batch)
         self.event.set()
 
     def resync(self) -> None:
+        self.pending, self.pending_frames, self.missed = [], 0, True
         self.event.set()
+
+    def take_after(self, cursor: int) -> Frames | None:
+        """The offered frames after `cursor`, in order; None when storage must be read
+        instead (a gap, or frames dropped)."""
+        batches, missed = self.pending, self.missed
+        self.pending, self.pending_frames, self.missed = [], 0, False
+        if missed:
+            return None
+        frames: Frames = []
+        for batch in batches:
+            if batch.last <= cursor:
+                continue
+            for seq, text in batch.frames:
+                if seq <= cursor:
+                    continue
+                if seq != cursor + 1:
+                    return None
+                frames.append((seq, text))
+                cursor = seq
+        return frames
 
     async def wait(self, timeout_s: float) -> None:
         """Until frames were offered since the last wait, or the timeout."""
@@ -106,17 +139,21 @@ class _Wakeup:
 
 async def _events(run: FollowedRun, after: int) -> AsyncIterator[str]:
     connection = f"sse.{uuid4().hex}"
-    wakeup = _Wakeup()
-    await hub().follow(run.tenant_id, run.id, wakeup)
+    follower = _Follower()
+    await hub().follow(run.tenant_id, run.id, follower)
     await viewers.joined(run.id, connection, counts=run.cancels_when_left)
     heartbeat_s = settings.SLUICE_SSE_HEARTBEAT_S
     cursor, ending_at = after, None
     # Streams opened together (a reconnect storm) keep their heartbeats apart.
     last_sent = time.monotonic() - random.uniform(0, heartbeat_s)
+    from_storage = True  # subscribed: what came before is in storage, what comes after is offered
     try:
         yield f"retry: {RETRY_MS}\n\n"
         while True:
-            frames = await aread_after(run.id, cursor, BATCH)
+            frames = None if from_storage else follower.take_after(cursor)
+            if frames is None:
+                frames = await aread_after(run.id, cursor, BATCH)
+                from_storage = len(frames) == BATCH  # maybe more there
             if frames:
                 yield "".join(sse_event(seq, text) for seq, text in frames)
                 cursor, last_sent = frames[-1][0], time.monotonic()
@@ -132,7 +169,7 @@ async def _events(run: FollowedRun, after: int) -> AsyncIterator[str]:
             wait = heartbeat_s - (now - last_sent)
             if ending_at is not None:
                 wait = min(wait, ending_at - now)
-            await wakeup.wait(max(wait, 0.001))
+            await follower.wait(max(wait, 0.001))
     finally:
         await viewers.left(run.id, connection)
-        await hub().leave(run.tenant_id, run.id, wakeup)
+        await hub().leave(run.tenant_id, run.id, follower)

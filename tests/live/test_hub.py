@@ -9,7 +9,7 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 
 from apps.live import feed
-from apps.live.hub import hub
+from apps.live.hub import Batch, hub
 from tests.conftest import World
 from tests.live.feedkit import Follower, bearer, publish_tokens, queued_run, seqs
 
@@ -94,8 +94,8 @@ class Recorder:
     def __init__(self, order: list[tuple[str, int]], name: str) -> None:
         self.order, self.name = order, name
 
-    def offer(self, first: int, last: int, frames: str) -> None:
-        self.order.append((self.name, first))
+    def offer(self, batch: Batch) -> None:
+        self.order.append((self.name, batch.first))
 
     def resync(self) -> None:
         raise AssertionError("not expected")

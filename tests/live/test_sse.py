@@ -199,3 +199,25 @@ def test_open_streams_hold_no_database_connection(world: World, web: str) -> Non
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_a_stream_takes_offered_frames_after_its_cursor_or_goes_back_to_storage() -> None:
+    """What the hub offers an SSE connection: frames after its cursor in order; a gap, or
+    more than PENDING_MAX frames while the client is slow, means reading storage instead."""
+    from apps.live.hub import Batch
+    from apps.live.sse import PENDING_MAX, _Follower
+
+    def batch(first: int, last: int) -> Batch:
+        return Batch(first, last, "\n".join(f'{{"seq":{n}}}' for n in range(first, last + 1)))
+
+    follower = _Follower()
+    follower.offer(batch(3, 5))  # 3 and 4 were read from storage already
+    follower.offer(batch(6, 6))
+    assert follower.take_after(4) == [(5, '{"seq":5}'), (6, '{"seq":6}')]
+    assert follower.take_after(6) == []  # nothing new
+    follower.offer(batch(8, 9))  # 7 never came live
+    assert follower.take_after(6) is None
+    follower.offer(batch(7, 7 + PENDING_MAX))  # a client that does not keep up
+    assert follower.pending == [] and follower.take_after(6) is None
+    follower.offer(batch(7, 7))  # taken again once storage was read
+    assert follower.take_after(6) == [(7, '{"seq":7}')]
