@@ -21,10 +21,11 @@ from typing import Any
 from urllib.parse import parse_qs
 from uuid import UUID, uuid4
 
+from asgiref.sync import sync_to_async
 from channels.consumer import get_handler_name
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import connection
 
 from apps.live import viewers
 from apps.live.access import FollowedRun, header, parse_after, run_for
@@ -38,10 +39,16 @@ CATCH_UP_BATCH = 256
 
 
 def _resolve(scope: dict[str, Any], run_id: UUID) -> tuple[str, FollowedRun | None]:
-    session = scope.get("session")
-    session_tenant = session.get(SESSION_TENANT_KEY) if session is not None else None
-    authorization = header(scope.get("headers", []), b"authorization")
-    return run_for(authorization, scope.get("user"), session_tenant, run_id)
+    """On any executor thread, not Channels' one database thread: followers reconnecting
+    together (a web process died) are authenticated side by side, not one after another.
+    The thread keeps no connection afterwards."""
+    try:
+        session = scope.get("session")
+        session_tenant = session.get(SESSION_TENANT_KEY) if session is not None else None
+        authorization = header(scope.get("headers", []), b"authorization")
+        return run_for(authorization, scope.get("user"), session_tenant, run_id)
+    finally:
+        connection.close()
 
 
 def _frames_message(parts: list[str]) -> str:
@@ -63,7 +70,7 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
         """Channels' dispatch first closes stale database connections through the one
         shared sync thread, for every message: at hundreds of streams that hop was the
         web process's largest cost (bench stream). This consumer touches the database only
-        through database_sync_to_async, which closes its connections itself."""
+        in _resolve, which closes its connection itself."""
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"no handler for message type {message['type']}")
@@ -77,7 +84,7 @@ class RunFeedConsumer(AsyncWebsocketConsumer):
         if after is None:
             await self._refuse(4400, "bad_request", "after must be a non-negative integer")
             return
-        outcome, run = await database_sync_to_async(_resolve)(self.scope, run_id)
+        outcome, run = await sync_to_async(_resolve, thread_sensitive=False)(self.scope, run_id)
         if run is None:
             if outcome == "unauthorized":
                 await self._refuse(4401, outcome, "sign in, or send a bearer API key (runs:read)")
