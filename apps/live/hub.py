@@ -33,6 +33,7 @@ from apps.live import feed
 logger = logging.getLogger(__name__)
 
 DRAIN_MAX = 2000  # messages taken off the socket per round
+SUBSCRIBE_WAIT_S = 5.0  # a follower waits at most this long for its run's subscription
 RECONNECT_S = (0.1, 2.0)  # first and longest wait before subscribing again after an error
 # Always subscribed, so the connection and the reader exist before the first run's follower.
 HUB_CHANNEL = "sluice:feed:hub"
@@ -96,7 +97,14 @@ class FeedHub:
             await self._subscribe(channel, run)
         else:
             run.listeners.add(listener)
-        await run.ready.wait()
+        try:
+            async with asyncio.timeout(SUBSCRIBE_WAIT_S):
+                await run.ready.wait()
+        except TimeoutError:
+            # Redis is slow or away: go on from storage; when the subscription is
+            # confirmed, the run's listeners read storage again for what came meanwhile.
+            logger.warning("feed hub: run %s not subscribed after %s s", run_id, SUBSCRIBE_WAIT_S)
+            run.resync = True
 
     async def leave(self, tenant_id: int, run_id: object, listener: Listener) -> None:
         channel = feed.run_channel(tenant_id, run_id).encode()
