@@ -71,6 +71,10 @@ class StreamRecord:
     completed: bool = False  # the stream ended with [DONE] and the terminating chunk
     active: bool = True  # the handler is still writing (or stalling) this response
     ended_at: float | None = None  # when the handler finished with it
+    # Taken just before the response's last bytes were written: the client cannot have had
+    # the whole answer (and started its next call) before this, whereas ended_at, taken
+    # after the write, may come later than that on a busy machine.
+    last_bytes_at: float | None = None
 
 
 class FakeOpenAI:
@@ -224,6 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Retry-After", retry)
         self.send_header("Connection", "close")
         self.end_headers()
+        record.last_bytes_at = time.time()
         self.wfile.write(data)
 
     def _complete(self, fake: FakeOpenAI, record: StreamRecord) -> None:
@@ -244,6 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        record.last_bytes_at = time.time()
         self.wfile.write(data)
         record.tokens_sent, record.completed = len(tokens), True
 
@@ -328,6 +334,7 @@ class _Streamer:
         ):
             return
         if self._write("[DONE]"):
+            self.record.last_bytes_at = time.time()
             handler.wfile.write(b"0\r\n\r\n")
             self.record.completed = True
 

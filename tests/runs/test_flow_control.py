@@ -187,8 +187,11 @@ def requests(fake: FakeOpenAI) -> list[StreamRecord]:
 
 
 def max_overlap(records: list[StreamRecord]) -> int:
+    """Calls in flight at once, as the fake saw them: a call ends when its last bytes went
+    out (the handler's own end, taken after the write, can trail the client's next call)."""
     edges = sorted(
-        [(r.started_at, 1) for r in records] + [(r.ended_at or time.time(), -1) for r in records]
+        [(r.started_at, 1) for r in records]
+        + [(r.last_bytes_at or r.ended_at or time.time(), -1) for r in records]
     )
     most = current = 0
     for _, change in edges:
