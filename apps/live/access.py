@@ -57,11 +57,17 @@ def run_for(
     return ("ok", run) if run else ("not_found", None)
 
 
+# Frame numbers are PostgreSQL bigints and Redis stream ids: a larger cursor is no cursor.
+MAX_SEQ = 2**63 - 1
+
+
 def parse_after(raw: str | None) -> int | None:
     """A cursor from the client: a non-negative integer, absent meaning 0; None if bad."""
     if raw is None or raw == "":
         return 0
-    return int(raw) if raw.isdigit() else None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_SEQ:
+        return None
+    return int(raw)
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:

@@ -216,3 +216,20 @@ def test_the_archive_keeps_the_frames_of_runs_that_still_exist(world: World) -> 
         (2, "run", '{"seq":2,"b":2}'),
     ]
     assert RunFrame.unscoped_all_tenants.count() == 2
+
+
+@pytest.mark.parametrize("after", ["-1", "abc", "²", "1.5", "9" * 19, str(2**64), "9" * 400])
+def test_a_cursor_that_is_no_frame_number_is_refused(world: World, after: str) -> None:
+    run = queued_run(world)
+    key = bearer(world.acme)
+
+    async def scenario() -> None:
+        follower = Follower(run.id, headers=auth(key))
+        follower.client.scope["query_string"] = f"after={after}".encode()
+        connected, _ = await follower.client.connect(5)
+        assert connected
+        message = await follower.receive()
+        assert message["type"] == "error" and message["code"] == "bad_request"
+        assert await follower.closed_with() == 4400
+
+    async_to_sync(scenario)()

@@ -221,3 +221,16 @@ def test_a_stream_takes_offered_frames_after_its_cursor_or_goes_back_to_storage(
     assert follower.pending == [] and follower.take_after(6) is None
     follower.offer(batch(7, 7))  # taken again once storage was read
     assert follower.take_after(6) == [(7, '{"seq":7}')]
+
+
+def test_a_last_event_id_that_is_no_frame_number_is_a_400(world: World, web: str) -> None:
+    run = queued_run(world)
+    key = bearer(world.acme)
+    for cursor in ("²", "9" * 19, str(2**64), "-3"):
+        stream = EventStream(
+            web, f"/api/runs/{run.id}/events", {"Authorization": key, "Last-Event-ID": cursor}
+        )
+        try:
+            assert stream.response.status == 400, cursor
+        finally:
+            stream.close()
