@@ -129,3 +129,50 @@ def test_the_publisher_orders_a_pass_round_robin_across_tenants() -> None:
 
     runs = {f"n{i}": (1, [{"i": i}]) for i in range(4)} | {"q0": (2, []), "q1": (2, [])}
     assert [run for run, *_ in _round_robin_by_tenant(runs)] == ["q0", "n0", "q1", "n1", "n2", "n3"]
+
+
+def test_a_follower_whose_subscription_is_slow_goes_on_and_resyncs_once_it_is_confirmed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis slow to confirm: follow() returns after SUBSCRIBE_WAIT_S (the follower reads
+    storage meanwhile), and once the subscription is confirmed the follower is told to
+    read storage again, for what was published before it took effect."""
+    from apps.live import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "SUBSCRIBE_WAIT_S", 0.05)
+    real_subscribe = hub_module.FeedHub._subscribe
+
+    async def late_subscribe(self: Any, channel: bytes, run: Any) -> None:
+        run.unconfirmed += 1
+        run.ready.clear()
+
+        async def later() -> None:
+            await asyncio.sleep(0.3)
+            run.unconfirmed -= 1  # real_subscribe counts it again
+            await real_subscribe(self, channel, run)
+
+        asyncio.get_running_loop().create_task(later())
+
+    monkeypatch.setattr(hub_module.FeedHub, "_subscribe", late_subscribe)
+
+    class Listener:
+        resyncs = 0
+
+        def offer(self, batch: Batch) -> None:
+            pass
+
+        def resync(self) -> None:
+            self.resyncs += 1
+
+    async def scenario() -> None:
+        listener = Listener()
+        started = asyncio.get_running_loop().time()
+        await hub().follow(1, "slow-run", listener)
+        assert asyncio.get_running_loop().time() - started < 0.25  # did not wait for Redis
+        assert listener.resyncs == 0
+        await asyncio.sleep(0.6)
+        assert listener.resyncs == 1
+        assert subscribers(feed.run_channel(1, "slow-run")) == 1
+        await hub().leave(1, "slow-run", listener)
+
+    async_to_sync(scenario)()
