@@ -27,6 +27,14 @@ def subscribers(channel: str) -> int:
     return int(count)
 
 
+async def eventually(check: Any, timeout_s: float = 5.0) -> None:
+    """Polls `check` until true: what Redis or a task does next takes its own time."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the timeout"
+        await asyncio.sleep(0.02)
+
+
 def test_many_followers_of_a_run_share_one_subscription_until_the_last_leaves(
     world: World,
 ) -> None:
@@ -54,8 +62,7 @@ def test_many_followers_of_a_run_share_one_subscription_until_the_last_leaves(
             await follower.disconnect()
         assert subscribers(channel) == 1  # one follower left: still subscribed
         await followers[-1].disconnect()
-        await asyncio.sleep(0.1)  # the UNSUBSCRIBE is sent, not awaited for
-        assert subscribers(channel) == 0
+        await eventually(lambda: subscribers(channel) == 0)
         assert hub().followed_runs() == 1
         await lone.disconnect()
 
@@ -140,6 +147,7 @@ def test_a_follower_whose_subscription_is_slow_goes_on_and_resyncs_once_it_is_co
     from apps.live import hub as hub_module
 
     monkeypatch.setattr(hub_module, "SUBSCRIBE_WAIT_S", 0.05)
+    confirmed_after_s = 1.0
     real_subscribe = hub_module.FeedHub._subscribe
 
     async def late_subscribe(self: Any, channel: bytes, run: Any) -> None:
@@ -147,7 +155,7 @@ def test_a_follower_whose_subscription_is_slow_goes_on_and_resyncs_once_it_is_co
         run.ready.clear()
 
         async def later() -> None:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(confirmed_after_s)
             run.unconfirmed -= 1  # real_subscribe counts it again
             await real_subscribe(self, channel, run)
 
@@ -168,10 +176,9 @@ def test_a_follower_whose_subscription_is_slow_goes_on_and_resyncs_once_it_is_co
         listener = Listener()
         started = asyncio.get_running_loop().time()
         await hub().follow(1, "slow-run", listener)
-        assert asyncio.get_running_loop().time() - started < 0.25  # did not wait for Redis
+        assert asyncio.get_running_loop().time() - started < confirmed_after_s  # no waiting
         assert listener.resyncs == 0
-        await asyncio.sleep(0.6)
-        assert listener.resyncs == 1
+        await eventually(lambda: listener.resyncs == 1)
         assert subscribers(feed.run_channel(1, "slow-run")) == 1
         await hub().leave(1, "slow-run", listener)
 
