@@ -69,10 +69,7 @@ class Listener(Protocol):
 class _Run:
     tenant_id: int
     listeners: set[Listener] = field(default_factory=set)
-    # SUBSCRIBEs sent and not yet confirmed; `ready` is set when they all are (confirmations
-    # come in order, so the last one is after any UNSUBSCRIBE sent before it).
-    unconfirmed: int = 0
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # subscribed, confirmed
     # Subscribed again after the connection broke: its listeners must read storage again.
     resync: bool = False
 
@@ -80,6 +77,11 @@ class _Run:
 class FeedHub:
     def __init__(self) -> None:
         self._runs: dict[bytes, _Run] = {}
+        # SUBSCRIBEs sent on this connection and not yet confirmed, per channel. A run is
+        # ready when all of its are: confirmations come in order, so the last one follows
+        # any UNSUBSCRIBE sent before it. Kept apart from _Run, which a channel's last
+        # follower leaving ends while its confirmation may still be on the way.
+        self._unconfirmed: dict[bytes, int] = {}
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._started = asyncio.Lock()
@@ -135,7 +137,7 @@ class FeedHub:
             self._reader = asyncio.create_task(self._read(), name="sluice-feed-hub")
 
     async def _subscribe(self, channel: bytes, run: _Run) -> None:
-        run.unconfirmed += 1
+        self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
         run.ready.clear()
         try:
             await self._pubsub.subscribe(channel)
@@ -168,9 +170,9 @@ class FeedHub:
         with contextlib.suppress(Exception):  # it is broken already
             await old.aclose()
         channels = list(self._runs)
-        for channel in channels:
-            run = self._runs[channel]
-            run.unconfirmed, run.resync = 1, True
+        self._unconfirmed = dict.fromkeys(channels, 1)  # the old connection's are gone
+        for run in self._runs.values():
+            run.resync = True
             run.ready.clear()
         await self._pubsub.subscribe(HUB_CHANNEL, *channels)
 
@@ -191,25 +193,35 @@ class FeedHub:
             if message is None:
                 continue
             kind, channel = message["type"], message["channel"]
-            run = self._runs.get(channel)
-            if run is None:
-                continue
-            if kind == "message":
+            if kind == "subscribe" and self._confirmed(channel):
+                self._ready(channel)
+            elif kind == "message" and (run := self._runs.get(channel)) is not None:
                 by_tenant.setdefault(run.tenant_id, deque()).append((run, message["data"]))
-            elif kind == "subscribe" and run.unconfirmed > 0:
-                run.unconfirmed -= 1
-                if run.unconfirmed == 0:
-                    run.ready.set()
-                    if run.resync:  # what was published meanwhile is only in storage
-                        run.resync = False
-                        for listener in list(run.listeners):
-                            listener.resync()
         queues = list(by_tenant.values())
         while queues:  # round robin: one message of each tenant in turn
             for waiting in queues:
                 run, data = waiting.popleft()
                 _offer(run, data)
             queues = [q for q in queues if q]
+
+    def _confirmed(self, channel: bytes) -> bool:
+        """Counts a confirmation; True when it was the channel's last outstanding one."""
+        left = self._unconfirmed.get(channel, 0) - 1
+        if left > 0:
+            self._unconfirmed[channel] = left
+            return False
+        self._unconfirmed.pop(channel, None)
+        return True
+
+    def _ready(self, channel: bytes) -> None:
+        run = self._runs.get(channel)
+        if run is None:
+            return
+        run.ready.set()
+        if run.resync:  # what was published meanwhile is only in storage
+            run.resync = False
+            for listener in list(run.listeners):
+                listener.resync()
 
 
 def _offer(run: _Run, data: bytes) -> None:

@@ -151,12 +151,10 @@ def test_a_follower_whose_subscription_is_slow_goes_on_and_resyncs_once_it_is_co
     real_subscribe = hub_module.FeedHub._subscribe
 
     async def late_subscribe(self: Any, channel: bytes, run: Any) -> None:
-        run.unconfirmed += 1
         run.ready.clear()
 
         async def later() -> None:
             await asyncio.sleep(confirmed_after_s)
-            run.unconfirmed -= 1  # real_subscribe counts it again
             await real_subscribe(self, channel, run)
 
         asyncio.get_running_loop().create_task(later())
@@ -183,3 +181,21 @@ def test_a_follower_whose_subscription_is_slow_goes_on_and_resyncs_once_it_is_co
         await hub().leave(1, "slow-run", listener)
 
     async_to_sync(scenario)()
+
+
+def test_a_run_followed_again_before_its_old_subscribe_was_confirmed_waits_for_its_own() -> None:
+    """Follow, leave, follow again, quickly: Redis confirms the first SUBSCRIBE before it
+    has seen the UNSUBSCRIBE and the second SUBSCRIBE; only the last confirmation means the
+    run is subscribed."""
+    from apps.live.hub import FeedHub, _Run
+
+    hub_ = FeedHub()
+    run = hub_._runs[b"again"] = _Run(1)
+    hub_._unconfirmed[b"again"] = 2  # the first SUBSCRIBE (before the leave) and this one
+    hub_._hand_out([{"type": "subscribe", "channel": b"again", "data": 1}])
+    assert not run.ready.is_set()
+    hub_._hand_out([{"type": "unsubscribe", "channel": b"again", "data": 0}])
+    assert not run.ready.is_set()
+    hub_._hand_out([{"type": "subscribe", "channel": b"again", "data": 1}])
+    assert run.ready.is_set()
+    assert hub_._unconfirmed == {}
