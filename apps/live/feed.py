@@ -11,8 +11,10 @@ frames in one step. Shared by the writer (publisher.py) and the readers (store.p
 """
 
 import asyncio
+import weakref
+from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -23,7 +25,8 @@ from django.conf import settings
 STREAM_TTL_S = 3600
 COUNTER_TTL_S = 7 * 86400
 STREAM_MAX_LEN = 20_000
-# Redis connections per web process for feed reads and viewer bookkeeping.
+# Redis connections per web process for feed reads and viewer bookkeeping (the hub's
+# subscription has its own): each is held for one short round trip.
 ASYNC_POOL_SIZE = 400
 
 
@@ -76,6 +79,9 @@ return first
 """
 
 
+T = TypeVar("T")
+
+
 def feed_redis_url() -> str:
     return str(settings.SLUICE_FEED_REDIS_URL)
 
@@ -86,19 +92,35 @@ def feed_redis() -> Any:
     return redis.Redis.from_url(feed_redis_url(), socket_timeout=5, socket_connect_timeout=5)
 
 
-_async_clients: dict[asyncio.AbstractEventLoop, Any] = {}
+class PerLoop(Generic[T]):
+    """One T per running event loop, made on first use. A web process has one loop; tests
+    run one per scenario, and what a loop's T holds (connections, tasks) is that loop's."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self) -> T:
+        loop = asyncio.get_running_loop()
+        found = self._by_loop.get(loop)
+        if found is None:
+            found = self._by_loop[loop] = self._make()
+        return found
+
+
+def _async_client() -> Any:
+    # A blocking pool: at its limit a caller waits for a connection instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        feed_redis_url(), max_connections=ASYNC_POOL_SIZE, timeout=10, socket_connect_timeout=5
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+_async_clients: PerLoop[Any] = PerLoop(_async_client)
 
 
 def async_feed_redis() -> Any:
-    """The asyncio client of the running event loop (a web process has one)."""
-    loop = asyncio.get_running_loop()
-    client = _async_clients.get(loop)
-    if client is None:
-        # A blocking pool: at its limit a caller waits for a connection instead of failing
-        # (SSE followers hold one for each blocking read).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            feed_redis_url(), max_connections=ASYNC_POOL_SIZE, timeout=10, socket_connect_timeout=5
-        )
-        client = aioredis.Redis(connection_pool=pool)
-        _async_clients[loop] = client
-    return client
+    """The asyncio client of the running event loop."""
+    return _async_clients.get()

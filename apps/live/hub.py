@@ -22,7 +22,6 @@ another's few.
 import asyncio
 import contextlib
 import logging
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -235,13 +234,9 @@ def _offer(run: _Run, data: bytes) -> None:
             logger.exception("feed hub: a listener failed to take frames %s..%s", first, last)
 
 
-_hubs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FeedHub]" = weakref.WeakKeyDictionary()
+_hubs = feed.PerLoop(FeedHub)
 
 
 def hub() -> FeedHub:
     """The running event loop's hub (a web process has one loop)."""
-    loop = asyncio.get_running_loop()
-    found = _hubs.get(loop)
-    if found is None:
-        found = _hubs[loop] = FeedHub()
-    return found
+    return _hubs.get()

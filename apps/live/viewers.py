@@ -15,7 +15,6 @@ saw the disconnect."""
 import asyncio
 import logging
 import time
-import weakref
 from typing import Any
 from uuid import UUID
 
@@ -82,17 +81,7 @@ class _Counted:
         await pipe.execute()
 
 
-_counted: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Counted]" = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _this_loops() -> _Counted:
-    loop = asyncio.get_running_loop()
-    found = _counted.get(loop)
-    if found is None:
-        found = _counted[loop] = _Counted()
-    return found
+_this_loops = feed.PerLoop(_Counted).get
 
 
 async def joined(run_id: UUID, connection: str, *, counts: bool) -> None:
